@@ -1,0 +1,220 @@
+"""The ``bns-pipe`` command (also ``python -m bns_pipe``): one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from bns_pipe import __version__
+from bns_pipe.errors import BnsPipeError, ConfigError
+
+
+def _partition_arguments(parser: argparse.ArgumentParser) -> None:
+    from bns_pipe.data import add_dataset_arguments
+    from bns_pipe.partition import BALANCE_CONSTRAINTS, METHODS
+
+    add_dataset_arguments(parser)
+    parser.add_argument("--parts", type=int, required=True, help="number of parts K (ranks)")
+    parser.add_argument("--method", choices=METHODS, default="metis")
+    parser.add_argument(
+        "--balance",
+        default=",".join(BALANCE_CONSTRAINTS),
+        help="comma list of METIS balance constraints from: %(default)s",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="METIS / random assignment seed")
+    parser.add_argument("--out", required=True, help="output partition directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace another partition held in --out"
+    )
+
+
+def _run_partition(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bns_pipe.data import dataset_spec_from_args, load_dataset_spec
+    from bns_pipe.partition import format_table, partition
+
+    spec = dataset_spec_from_args(args)
+    data = load_dataset_spec(spec, root=args.root)
+    manifest = partition(
+        data,
+        args.parts,
+        args.out,
+        method=args.method,
+        balance=args.balance,
+        seed=args.seed,
+        dataset=spec,
+        overwrite=args.overwrite,
+    )
+    print(format_table(manifest))
+    return 0
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="partition directory")
+
+
+def _run_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bns_pipe.partition import format_table, verify_partition
+
+    manifest = verify_partition(args.directory)
+    print(format_table(manifest))
+    print(f"\nall {len(manifest['files'])} part files match their SHA-256")
+    return 0
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from bns_pipe.train.config import add_train_arguments
+
+    add_train_arguments(parser)
+    _add_partitioning_arguments(parser)
+
+
+def _add_partitioning_arguments(parser: argparse.ArgumentParser) -> None:
+    from bns_pipe.data import add_dataset_arguments
+    from bns_pipe.partition import METHODS
+
+    group = parser.add_argument_group("without --partition-dir: partition a dataset first")
+    add_dataset_arguments(group)
+    group.add_argument("--parts", type=int, default=1, help="number of parts K")
+    group.add_argument("--nprocs", type=int, help="local worker processes (default: --parts)")
+    group.add_argument("--method", choices=METHODS, default="metis", help="partition method")
+    group.add_argument("--partition-seed", type=int, default=0)
+
+
+def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bns_pipe.train.config import config_from_args
+    from bns_pipe.train.launch import run_worker
+
+    config = config_from_args(args)
+    return _run_ranks("train", args, argv, config, lambda: run_worker(config))
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or model.pt")
+    for flag in ("--partition-dir", "--backend", "--device"):
+        parser.add_argument(flag, default=None)
+    parser.add_argument("--threads-per-rank", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=None)
+    _add_partitioning_arguments(parser)
+
+
+def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bns_pipe.train.config import config_from_args
+    from bns_pipe.train.launch import evaluate_checkpoint
+
+    config = config_from_args(args)
+    return _run_ranks(
+        "eval", args, argv, config, lambda: evaluate_checkpoint(args.checkpoint, config)
+    )
+
+
+def _run_ranks(command, args, argv, config, work: Callable[[], object]) -> int:
+    """Run ``work`` here (under torchrun, or for one rank) or launch one worker per part."""
+    from bns_pipe.data import dataset_spec_from_args
+    from bns_pipe.train.launch import cached_partition, launch_local, under_torchrun
+
+    if under_torchrun():
+        if config.partition_dir is None:
+            raise ConfigError("under torchrun, pass --partition-dir (made by `bns-pipe partition`)")
+        work()
+        return 0
+    if config.partition_dir is None:
+        spec = dataset_spec_from_args(args)
+        config.partition_dir = cached_partition(
+            spec, args.parts, args.method, args.partition_seed, args.root
+        )
+        argv = [*argv, "--partition-dir", config.partition_dir]
+    args.partition_dir = config.partition_dir
+    nprocs = args.nprocs or _num_parts(config.partition_dir)
+    if nprocs == 1:
+        work()
+        return 0
+    return launch_local(nprocs, [command, *argv])
+
+
+def _num_parts(directory: str) -> int:
+    from bns_pipe.partition import read_manifest
+
+    return int(read_manifest(directory)["num_parts"])
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parts", type=int, default=4, help="parts and CPU ranks")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--metrics-jsonl", default="runs/demo/metrics.jsonl")
+
+
+def _run_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Partition the synthetic default into K parts and train on K CPU ranks."""
+    from bns_pipe.partition import format_table, read_manifest
+
+    train_args = [
+        "--dataset",
+        "synthetic",
+        "--parts",
+        str(args.parts),
+        "--epochs",
+        str(args.epochs),
+        "--hidden",
+        "128",
+        "--layers",
+        "2",
+        "--dropout",
+        "0.5",
+        "--lr",
+        "0.01",
+        "--metrics-jsonl",
+        args.metrics_jsonl,
+    ]
+    parser = build_parser()
+    train = parser.parse_args(["train", *train_args])
+    status = _run_train(train, train_args)
+    print(f"\npartition: {train.partition_dir}")
+    print(format_table(read_manifest(train.partition_dir)))
+    print(f"metrics: {args.metrics_jsonl}")
+    return status
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
+COMMANDS: tuple[Command, ...] = (
+    ("partition", _partition_arguments, _run_partition),
+    ("info", _info_arguments, _run_info),
+    ("train", _train_arguments, _run_train),
+    ("eval", _eval_arguments, _run_eval),
+    ("demo", _demo_arguments, _run_demo),
+)
+_HELP = {
+    "partition": "partition a dataset once into K per-rank subgraphs",
+    "info": "verify a partition directory and print its per-part table",
+    "train": "train a GNN on a partition with torchrun workers (or launch them locally)",
+    "eval": "evaluate a checkpoint on a partition, on any number of ranks",
+    "demo": "run the main job on the built-in synthetic graph",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bns-pipe",
+        description="Distributed full-graph GCN training with boundary-node sampling (BNS) "
+        "and pipelined halo exchange (PipeGCN).",
+    )
+    parser.add_argument("--version", action="version", version=f"bns_pipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add_arguments, run in COMMANDS:
+        child = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
+        add_arguments(child)
+        child.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args, argv[1:])
+    except BnsPipeError as exc:
+        print(f"bns-pipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bns-pipe {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Training: config, distributed set-up, the trainer loop, evaluation, checkpoints, metrics."""

@@ -1,0 +1,146 @@
+"""Training options: one dataclass, filled from a TOML file and command-line flags.
+
+Precedence: flags given on the command line, then ``--config FILE.toml`` (keys are the flag
+names with ``-`` or ``_``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bns_pipe.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    partition_dir: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    threads_per_rank: int | None = None
+    model: str = "gcn"
+    layers: int = 2
+    hidden: int = 128
+    dropout: float = 0.5
+    norm: str = "none"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    epochs: int = 100
+    seed: int = 0
+    eval_every: int = 1
+    metrics_jsonl: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    use_pp: bool = False
+    inductive: bool = False
+    hook: list[str] = field(default_factory=list)
+    dtype: str = "float32"
+    timeout: float = 300.0
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.backend in ("auto", "gloo", "nccl"), "--backend must be auto, gloo or nccl"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (self.model in ("gcn", "sage"), "--model must be gcn or sage"),
+            (self.norm in ("none", "layer", "batch"), "--norm must be none, layer or batch"),
+            (self.layers >= 1, "--layers must be at least 1"),
+            (self.hidden >= 1, "--hidden must be at least 1"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must be non-negative"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.eval_every >= 0, "--eval-every must be non-negative (0: never)"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
+            (self.timeout > 0, "--timeout must be positive"),
+            (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
+            (not self.resume or self.checkpoint_dir, "--resume needs --checkpoint-dir"),
+            (
+                self.threads_per_rank is None or self.threads_per_rank >= 1,
+                "--threads-per-rank must be at least 1",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+_FLAG_HELP = {
+    "partition_dir": "partition directory made by `bns-pipe partition`",
+    "backend": "process-group backend (auto: nccl with CUDA, else gloo)",
+    "device": "auto, cpu or cuda",
+    "threads_per_rank": "intra-op threads per rank (default: cores / local ranks)",
+    "model": "gcn or sage",
+    "layers": "number of graph convolution layers",
+    "hidden": "hidden width",
+    "dropout": "dropout probability before every layer",
+    "norm": "none, layer or batch (batch statistics synchronised across ranks)",
+    "lr": "Adam learning rate",
+    "weight_decay": "Adam weight decay",
+    "epochs": "training epochs",
+    "seed": "model initialisation and dropout seed (the graph uses --data-seed)",
+    "eval_every": "evaluate every N epochs (0: only at the end)",
+    "metrics_jsonl": "write metrics as JSON lines to this file (rank 0)",
+    "checkpoint_dir": "directory for checkpoints",
+    "checkpoint_every": "checkpoint every N epochs (0: only at the end and on SIGTERM)",
+    "resume": "resume from the latest checkpoint in --checkpoint-dir",
+    "use_pp": "precompute the first layer's aggregation once (raw features never travel)",
+    "inductive": "train on the subgraph induced by training nodes; evaluate on the full graph",
+    "hook": "layer hook NAME[:key=value,...] (repeatable)",
+    "dtype": "float32, or float64 for verification",
+    "timeout": "seconds a collective may wait for a peer before the run fails",
+    "progress": "show the progress bar on rank 0",
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`TrainConfig` field (defaults are filled in by ``from_args``)."""
+    parser.add_argument("--config", help="TOML file with the same options (flags override)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"default": None, "help": _FLAG_HELP[f.name], "dest": f.name}
+        if f.type == "bool":
+            if f.default:
+                parser.add_argument(
+                    "--no-" + f.name.replace("_", "-"), action="store_false", **kwargs
+                )
+            else:
+                parser.add_argument(flag, action="store_true", **kwargs)
+        elif f.name == "hook":
+            parser.add_argument(flag, action="append", **kwargs)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            parser.add_argument(flag, type=kind, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Merge defaults, the TOML file of ``--config`` and the flags given."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        values.update(read_toml(args.config))
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return TrainConfig(**values).validate()
+
+
+def read_toml(path: str | Path) -> dict:
+    """Options from a TOML file, keys normalised to field names; unknown keys are errors."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown option(s) {unknown}")
+    return values

@@ -1,0 +1,82 @@
+"""Metrics as JSON lines (rank 0) and the measurements behind them.
+
+The file holds a header ``{"header": true, ...}``, one object per epoch and a final
+``{"final": true, ...}`` object; the keys are those of the metrics contract in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+from bns_pipe import __version__
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """High-water mark: ``max_memory_allocated`` on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    """The resident set size now (CPU), from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree bns_pipe runs from, when it is a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def median_epochs_per_s(epoch_times: list[float], skip: int = 3) -> float | None:
+    """Median throughput over the epochs after the first ``skip`` (warm-up); None if none."""
+    steady = epoch_times[skip:]
+    return 1.0 / statistics.median(steady) if steady else None
+
+
+class MetricsWriter:
+    """Appends JSON objects, one per line; a no-op without a path (non-zero ranks)."""
+
+    def __init__(self, path: str | None, append: bool = False) -> None:
+        self.file = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a" if append else "w")  # noqa: SIM115 (closed in close())
+
+    def header(self, config: dict, partition_hash: str) -> None:
+        self.write(
+            {
+                "header": True,
+                "config": config,
+                "version": __version__,
+                "commit": git_commit(),
+                "partition_hash": partition_hash,
+            }
+        )
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

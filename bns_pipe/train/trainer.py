@@ -1,0 +1,298 @@
+"""The training loop: one readable class over swappable parts (graph, model, reducer, metrics).
+
+Every rank holds one partition. An epoch is a full-graph forward over the inner nodes (halo
+rows fetched from their owners), a loss normalised by the *global* number of training nodes,
+a backward that returns halo gradients to their owners, a bucketed all-reduce (sum) of the
+weight gradients, and one Adam step. The sum of the ranks' gradients is therefore the
+single-process gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bns_pipe.comm.reducer import GradReducer
+from bns_pipe.errors import BnsPipeError, PartitionError
+from bns_pipe.hooks import ByteCounter, build_hook
+from bns_pipe.nn.model import GNN
+from bns_pipe.partition import load_partition, manifest_hash, read_manifest
+from bns_pipe.train import checkpoint
+from bns_pipe.train.config import TrainConfig
+from bns_pipe.train.distributed import DistContext
+from bns_pipe.train.metrics import MetricsWriter, median_epochs_per_s, peak_memory_bytes
+from bns_pipe.train.views import SPLITS, build_view, training_subgraph
+
+
+class TrainingError(BnsPipeError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+class Trainer:
+    """Builds one rank's share of the job from a partition directory and trains it."""
+
+    def __init__(self, config: TrainConfig, ctx: DistContext) -> None:
+        self.config, self.ctx = config, ctx
+        manifest = read_manifest(config.partition_dir)
+        if manifest["num_parts"] != ctx.world_size:
+            raise PartitionError(
+                f"{config.partition_dir} has {manifest['num_parts']} parts but the world size "
+                f"is {ctx.world_size}: launch one rank per part"
+            )
+        self.partition_hash = manifest_hash(config.partition_dir)
+        part = load_partition(config.partition_dir, ctx.rank)
+        hooks = [build_hook(spec) for spec in config.hook]
+        for hook in hooks:
+            part = hook.on_graph(part)
+        self.bytes = ByteCounter()
+        hooks = [*hooks, self.bytes]
+        dtype = getattr(torch, config.dtype)
+        self.eval_view = build_view(part, ctx, hooks, dtype)
+        self.view = self.eval_view
+        if config.inductive:
+            train_part = training_subgraph(part, self.eval_view.exchange)
+            self.view = build_view(train_part, ctx, hooks, dtype)
+        self.multilabel, self.num_classes = part.multilabel, part.num_classes
+        self.num_train = int(self._sum(torch.tensor([float(part.train_mask.sum())])))
+        if self.num_train == 0:
+            raise PartitionError("the partition has no training nodes")
+
+        torch.manual_seed(config.seed)
+        self.model = GNN(
+            part.x.size(1),
+            config.hidden,
+            self.num_classes,
+            layers=config.layers,
+            conv=config.model,
+            norm=config.norm,
+            dropout=config.dropout,
+            seed=config.seed,
+        ).to(ctx.device, dtype)
+        for tensor in self.model.state_dict().values():  # identical replicas
+            dist.broadcast(tensor, src=0, group=ctx.reduce_group)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.reducer = (
+            GradReducer(self.model.parameters(), ctx.reduce_group) if ctx.world_size > 1 else None
+        )
+        if config.use_pp:
+            for view in {id(v): v for v in (self.view, self.eval_view)}.values():
+                view.precomputed = self.model.precompute(view.graph, view.x)
+        self.startup_comm_bytes = int(self._sum(torch.tensor([float(self.bytes.total())])))
+        self.bytes.reset()
+        self.state = {
+            "epoch": 0,
+            "best_val": -1.0,
+            "test_at_best": 0.0,
+            "epoch_times": [],
+            "epoch_bytes": [],
+            "peak_mem": 0,
+        }
+
+    # -- one epoch ------------------------------------------------------------------------
+
+    def loss_and_logits(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward in training mode; the loss is this rank's share of the global mean."""
+        self.model.train()
+        view = self.view
+        logits = self.model(view.graph, view.x, epoch=epoch, precomputed=view.precomputed)
+        mask, y = view.masks["train"], view.y
+        if self.multilabel:
+            target = y[mask].to(logits.dtype)
+            loss = F.binary_cross_entropy_with_logits(logits[mask], target, reduction="sum")
+            loss = loss / (self.num_train * self.num_classes)
+        else:
+            loss = F.cross_entropy(logits[mask], y[mask], reduction="sum") / self.num_train
+        return loss, logits
+
+    def train_step(self, epoch: int) -> dict:
+        """Forward, backward, gradient all-reduce and optimiser step; returns this rank's times."""
+        exchange = self.view.exchange
+        wait_before = exchange.wait_s
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _ = self.loss_and_logits(epoch)
+        loss.backward()
+        reduce_s = self.reducer.wait() if self.reducer is not None else 0.0
+        self.optimizer.step()
+        epoch_time = time.perf_counter() - start
+        comm_s = exchange.wait_s - wait_before
+        return {
+            "loss": loss.detach(),
+            "epoch_time_s": epoch_time,
+            "compute_s": epoch_time - comm_s - reduce_s,
+            "comm_s": comm_s,
+            "reduce_s": reduce_s,
+            "sample_s": 0.0,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Exact full-graph accuracy (micro-F1 if multilabel) per split, from global counts."""
+        self.model.eval()
+        view = self.eval_view
+        logits = self.model(view.graph, view.x, precomputed=view.precomputed)
+        counts = []
+        for split in SPLITS:
+            mask = view.masks[split]
+            if self.multilabel:
+                pred, true = logits[mask] > 0, view.y[mask] > 0
+                tp = (pred & true).sum()
+                counts += [2 * tp, 2 * tp + (pred & ~true).sum() + (~pred & true).sum()]
+            else:
+                counts += [(logits[mask].argmax(1) == view.y[mask]).sum(), mask.sum()]
+        totals = self._sum(torch.stack(counts).double().cpu())
+        return {s: float(totals[2 * i] / max(totals[2 * i + 1], 1)) for i, s in enumerate(SPLITS)}
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train for ``config.epochs`` epochs; returns the final metrics object (all ranks)."""
+        cfg, ctx = self.config, self.ctx
+        if cfg.resume:
+            self._resume()
+        writer = MetricsWriter(cfg.metrics_jsonl if ctx.is_main else None, append=cfg.resume)
+        if not cfg.resume:
+            writer.header(dataclasses.asdict(cfg), self.partition_hash)
+        stop = _SigtermFlag()
+        progress = _progress(ctx.is_main and cfg.progress, self.state["epoch"], cfg.epochs)
+        try:
+            for epoch in range(self.state["epoch"], cfg.epochs):
+                record = self._epoch(epoch, stop.raised)
+                writer.write(record)
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    val=f"{record.get('val_acc', float('nan')):.4f}",
+                    s=f"{record['epoch_time_s']:.3f}",
+                )
+                if record.pop("_stop"):
+                    self._checkpoint()
+                    raise TrainingError(f"stopped by SIGTERM after epoch {epoch}; checkpointed")
+                if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+                    self._checkpoint()
+            if cfg.checkpoint_dir and (
+                cfg.checkpoint_every == 0 or cfg.epochs % cfg.checkpoint_every
+            ):
+                self._checkpoint()
+        finally:
+            progress.close()
+            stop.restore()
+        final = {
+            "final": True,
+            "best_val_acc": self.state["best_val"],
+            "test_acc": self.state["test_at_best"],
+            "epochs_per_s": median_epochs_per_s(self.state["epoch_times"]),
+            "world_size": ctx.world_size,
+            "startup_comm_bytes": self.startup_comm_bytes,
+            "comm_bytes_per_epoch": statistics.median(self.state["epoch_bytes"] or [0]),
+            "peak_mem_bytes": self.state["peak_mem"],
+        }
+        writer.write(final)
+        writer.close()
+        return final
+
+    def _epoch(self, epoch: int, stop_requested: bool) -> dict:
+        self.bytes.reset()
+        times = self.train_step(epoch)
+        ctx = self.ctx
+        peak = peak_memory_bytes(ctx.device)
+        maxed = torch.tensor(
+            [times[k] for k in ("epoch_time_s", "compute_s", "comm_s", "reduce_s", "sample_s")]
+            + [float(peak), float(stop_requested)],
+            dtype=torch.float64,
+        )
+        per_rank = torch.zeros(ctx.world_size, dtype=torch.float64)
+        per_rank[ctx.rank] = peak
+        summed = torch.cat(
+            [
+                torch.tensor(
+                    [float(times["loss"]), float(self.bytes.total())], dtype=torch.float64
+                ),
+                per_rank,
+            ]
+        )
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=ctx.reduce_group)
+        dist.all_reduce(summed, group=ctx.reduce_group)
+        loss = float(summed[0])
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at epoch {epoch}; lower --lr or check the features"
+            )
+        record = {
+            "epoch": epoch,
+            "loss": loss,
+            **dict(
+                zip(
+                    ("epoch_time_s", "compute_s", "comm_s", "reduce_s", "sample_s"),
+                    maxed[:5].tolist(),
+                    strict=True,
+                )
+            ),
+            "comm_bytes": int(summed[1]),
+            "peak_mem_bytes": int(maxed[5]),
+            "peak_mem_bytes_per_rank": [int(v) for v in summed[2:]],
+            "_stop": bool(maxed[6]),
+        }
+        self.state["epoch_times"].append(record["epoch_time_s"])
+        self.state["epoch_bytes"].append(record["comm_bytes"])
+        self.state["peak_mem"] = max(self.state["peak_mem"], record["peak_mem_bytes"])
+        every = self.config.eval_every
+        if (every and (epoch + 1) % every == 0) or epoch + 1 == self.config.epochs:
+            start = time.perf_counter()
+            acc = self.evaluate()
+            record["val_acc"], record["eval_time_s"] = acc["val"], time.perf_counter() - start
+            if acc["val"] > self.state["best_val"]:
+                self.state["best_val"], self.state["test_at_best"] = acc["val"], acc["test"]
+        self.state["epoch"] = epoch + 1
+        return record
+
+    def _checkpoint(self) -> None:
+        checkpoint.save(
+            self.config.checkpoint_dir,
+            self.ctx,
+            self.model,
+            self.optimizer,
+            self.state,
+            dataclasses.asdict(self.config),
+        )
+
+    def _resume(self) -> None:
+        state = checkpoint.load_latest(
+            self.config.checkpoint_dir, self.ctx, self.model, self.optimizer
+        )
+        if state is not None:
+            self.state = state
+
+    def _sum(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values, group=self.ctx.reduce_group)
+        return values
+
+
+class _SigtermFlag:
+    """Remembers a SIGTERM (preemption) so the loop can checkpoint at the epoch's end."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _progress(enabled: bool, initial: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="epoch", dynamic_ncols=True)
