@@ -1,0 +1,344 @@
+"""Training speed: ours against PyTorch Geometric and against the machine's floor.
+
+Side by side in one script, on one synthetic graph (default 100k nodes, average degree 16,
+128 features, 8 classes) and one model (3 layers, hidden 128, dropout 0.5):
+
+1. the machine floor: measured GEMM rate, CSR-product time and memory bandwidth, combined
+   into the time one epoch of this model cannot beat;
+2. single-process epoch time of ours, PyG with ``edge_index`` and PyG with a CSR ``adj_t``
+   (its fastest CPU path), GCN and SAGE, all in this process with the same threads;
+3. ours on 1, 2 and 4 ranks (``bns-pipe train`` subprocesses): epoch time and breakdown.
+
+    python benchmarks/train.py [--quick] [--out benchmarks/results/train.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch_geometric.nn as pyg
+import torch_geometric.transforms as T
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import describe, finish  # noqa: E402
+from benchmarks.machine import summary as machine_summary  # noqa: E402
+from bns_pipe.data import load_dataset  # noqa: E402
+from bns_pipe.graph import LocalGraph  # noqa: E402
+from bns_pipe.partition import load_partition, partition  # noqa: E402
+from bns_pipe.sparse import CSR, spmm  # noqa: E402
+from bns_pipe.train.config import TrainConfig  # noqa: E402
+from bns_pipe.train.distributed import init_distributed, shutdown  # noqa: E402
+from bns_pipe.train.trainer import Trainer  # noqa: E402
+
+LAYERS, HIDDEN, DROPOUT = 3, 128, 0.5
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def timed(step, epochs: int, warmup: int) -> list[float]:
+    """Seconds of each of ``epochs`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+# -- the machine floor ---------------------------------------------------------------------
+
+
+def gemm_rate(n: int, k: int, m: int, repeats: int = 10) -> float:
+    """FLOP/s of an (n, k) @ (k, m) float32 product."""
+    a, b = torch.randn(n, k), torch.randn(k, m)
+    t = min(timed(lambda: a @ b, repeats, 2))
+    return 2 * n * k * m / t
+
+
+def bandwidth(numel: int = 1 << 26, repeats: int = 10) -> float:
+    """Bytes/s of ``c = a + b`` on float32 arrays far larger than cache (3 arrays move)."""
+    a, b, c = torch.randn(numel), torch.randn(numel), torch.empty(numel)
+    t = min(timed(lambda: torch.add(a, b, out=c), repeats, 2))
+    return 3 * numel * 4 / t
+
+
+def spmm_time(adj: CSR, width: int, repeats: int = 10) -> float:
+    """Seconds of one CSR product ``A @ X`` at feature width ``width`` (our fastest path)."""
+    x = torch.randn(adj.n_cols, width)
+    return min(timed(lambda: spmm(adj, x), repeats, 2))
+
+
+def floor_epoch_s(n: int, in_dim: int, classes: int, model: str, adj: CSR) -> dict:
+    """The time one training epoch cannot beat on this machine, and its parts.
+
+    GEMMs: forward ``2·n·in·out`` per weight matrix, backward twice that (input and weight
+    gradients; no input gradient for layer 0). Sparse products: one per layer forward, one per
+    layer but the first backward, at the narrower of each layer's widths (as we compute them).
+    Elementwise: about 12 full passes (read + write) of each layer's output per epoch
+    (dropout, bias, self-loop term, ReLU, their backwards and the loss), at the measured
+    bandwidth. Adam and the reductions are small at this size and are left out.
+    """
+    dims = [in_dim] + [HIDDEN] * (LAYERS - 1) + [classes]
+    weights_per_layer = 2 if model == "sage" else 1
+    rate = gemm_rate(n, HIDDEN, HIDDEN)
+    gemm_flops, sparse_s, elementwise_bytes = 0.0, 0.0, 0.0
+    cache: dict[int, float] = {}
+    for layer, (a, b) in enumerate(itertools.pairwise(dims)):
+        flops = 2 * n * a * b * weights_per_layer
+        gemm_flops += flops * (3 if layer > 0 else 2)
+        width = min(a, b) if model == "gcn" else (b if b < a else a)
+        if width not in cache:
+            cache[width] = spmm_time(adj, width)
+        sparse_s += cache[width] * (2 if layer > 0 else 1)
+        elementwise_bytes += 12 * 2 * n * b * 4
+    bw = bandwidth()
+    parts = {
+        "gemm_s": gemm_flops / rate,
+        "sparse_s": sparse_s,
+        "elementwise_s": elementwise_bytes / bw,
+    }
+    return {
+        **parts,
+        "floor_s": sum(parts.values()),
+        "gemm_flops_per_s": rate,
+        "bandwidth_bytes_per_s": bw,
+        "spmm_s_by_width": cache,
+    }
+
+
+# -- single process: ours and PyG ----------------------------------------------------------
+
+
+class PygModel(nn.Module):
+    """The same model from PyG layers (GCN normalisation cached, as a full-graph user would)."""
+
+    def __init__(self, model: str, in_dim: int, classes: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [HIDDEN] * (LAYERS - 1) + [classes]
+        make = (lambda a, b: pyg.GCNConv(a, b, cached=True)) if model == "gcn" else pyg.SAGEConv
+        self.convs = nn.ModuleList(make(a, b) for a, b in itertools.pairwise(dims))
+
+    def forward(self, x: torch.Tensor, adj) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = F.dropout(x, DROPOUT, self.training)
+            x = conv(x, adj)
+            if i < len(self.convs) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def pyg_epochs(data, model: str, form: str, epochs: int, warmup: int) -> list[float]:
+    torch.manual_seed(0)
+    net = PygModel(model, data.x.size(1), data.num_classes)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    if form == "csr":
+        adj = T.ToSparseTensor(layout=torch.sparse_csr)(data.clone()).adj_t
+    else:
+        adj = data.edge_index
+    mask = data.train_mask
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(data.x, adj)[mask], data.y[mask])
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, epochs, warmup)
+
+
+def ours_epochs(part_dir: str, model: str, epochs: int, warmup: int) -> list[float]:
+    config = TrainConfig(
+        partition_dir=part_dir,
+        model=model,
+        layers=LAYERS,
+        hidden=HIDDEN,
+        dropout=DROPOUT,
+        progress=False,
+        threads_per_rank=torch.get_num_threads(),
+    )
+    ctx = init_distributed("gloo", "cpu", config.threads_per_rank)
+    try:
+        trainer = Trainer(config, ctx)
+        counter = iter(range(10**9))
+        return timed(lambda: trainer.train_step(next(counter)), epochs, warmup)
+    finally:
+        shutdown()
+
+
+# -- ours on several ranks -----------------------------------------------------------------
+
+
+def ranks_run(part_dir: str, model: str, epochs: int, tmp: Path) -> dict:
+    metrics = tmp / f"{Path(part_dir).name}-{model}.jsonl"
+    command = [
+        sys.executable,
+        "-m",
+        "bns_pipe",
+        "train",
+        "--partition-dir",
+        part_dir,
+        "--model",
+        model,
+        "--layers",
+        str(LAYERS),
+        "--hidden",
+        str(HIDDEN),
+        "--dropout",
+        str(DROPOUT),
+        "--epochs",
+        str(epochs + 3),
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--metrics-jsonl",
+        str(metrics),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"bns-pipe train failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    epochs_rows = [r for r in rows if "epoch" in r][3:]  # skip warm-up epochs
+    keys = ("epoch_time_s", "compute_s", "comm_s", "reduce_s")
+    return {
+        **{k: statistics.median(r[k] for r in epochs_rows) for k in keys},
+        "min_epoch_s": min(r["epoch_time_s"] for r in epochs_rows),
+        "max_epoch_s": max(r["epoch_time_s"] for r in epochs_rows),
+        "comm_bytes": statistics.median(r["comm_bytes"] for r in epochs_rows),
+        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in epochs_rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-nodes", type=int, default=100_000)
+    parser.add_argument("--avg-degree", type=float, default=16.0)
+    parser.add_argument("--num-features", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="20k nodes, 4 epochs")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.num_nodes, args.epochs = 20_000, 4
+    warmup = 2
+    info = describe()
+    graph = {
+        "num_nodes": args.num_nodes,
+        "avg_degree": args.avg_degree,
+        "num_features": args.num_features,
+        "num_classes": 8,
+    }
+    log(f"generating synthetic graph {graph}")
+    data = load_dataset("synthetic", **graph)
+    results: dict = {
+        "machine": info,
+        "graph": graph,
+        "model": {"layers": LAYERS, "hidden": HIDDEN, "dropout": DROPOUT},
+        "threads": torch.get_num_threads(),
+    }
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        parts = {}
+        for k in (1, 2, 4):
+            parts[k] = str(tmp / f"p{k}")
+            partition(
+                data, k, parts[k], dataset={"name": "synthetic", "options": graph}, verbose=False
+            )
+        adj = LocalGraph(load_partition(parts[1], 0)).blocks["gcn"][0]
+        single = {}
+        for model in ("gcn", "sage"):
+            log(f"floor ({model})")
+            floor = floor_epoch_s(data.num_nodes, data.x.size(1), 8, model, adj)
+            row = {"floor": floor}
+            for name, run in (
+                ("ours", lambda m=model: ours_epochs(parts[1], m, args.epochs, warmup)),
+                ("pyg_csr", lambda m=model: pyg_epochs(data, m, "csr", args.epochs, warmup)),
+                (
+                    "pyg_edge_index",
+                    lambda m=model: pyg_epochs(data, m, "edge_index", args.epochs, warmup),
+                ),
+            ):
+                log(f"single process: {name} {model}")
+                row[name] = summary(run())
+            ours = row["ours"]["median_s"]
+            row["ratios"] = {
+                "ours_over_pyg_csr": ours / row["pyg_csr"]["median_s"],
+                "ours_over_pyg_edge_index": ours / row["pyg_edge_index"]["median_s"],
+                "ours_over_floor": ours / floor["floor_s"],
+            }
+            single[model] = row
+        results["single_process"] = single
+        ranks = {}
+        for k in (1, 2, 4):
+            for model in ("gcn", "sage"):
+                log(f"{k} rank(s): {model}")
+                ranks[f"{model}-{k}"] = ranks_run(parts[k], model, args.epochs, tmp)
+        results["ranks"] = ranks
+    results["machine"] = finish(info)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    g = results["graph"]
+    lines = [
+        f"# Training speed ({g['num_nodes']:,} nodes, avg degree {g['avg_degree']}, "
+        f"{g['num_features']} features; {LAYERS} layers, hidden {HIDDEN}, dropout {DROPOUT})",
+        "",
+        f"Machine: {machine_summary(results['machine'])} {results['threads']} threads.",
+        "",
+        "Single process, median epoch seconds (min-max) after warm-up:",
+        "",
+        "| model | ours | PyG CSR | PyG edge_index | floor | ours/CSR | ours/ei | ours/floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, row in results["single_process"].items():
+        cell = lambda r: f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})"  # noqa: E731
+        ratios = row["ratios"]
+        lines.append(
+            f"| {model} | {cell(row['ours'])} | {cell(row['pyg_csr'])} | "
+            f"{cell(row['pyg_edge_index'])} | {row['floor']['floor_s']:.3f} | "
+            f"{ratios['ours_over_pyg_csr']:.2f} | {ratios['ours_over_pyg_edge_index']:.2f} | "
+            f"{ratios['ours_over_floor']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Ours on K ranks (each with {results['threads']} // K threads), medians:",
+        "",
+        "| run | epoch s | compute s | comm s | reduce s | comm MiB/epoch | peak MiB (max rank) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["ranks"].items():
+        lines.append(
+            f"| {name} | {r['epoch_time_s']:.3f} | {r['compute_s']:.3f} | {r['comm_s']:.3f} | "
+            f"{r['reduce_s']:.3f} | {r['comm_bytes'] / 2**20:.1f} | "
+            f"{r['peak_mem_bytes'] / 2**20:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
