@@ -204,8 +204,9 @@ def _spmm_ext(A: CSR, X: Tensor, acc: Tensor | None = None) -> Tensor:
 def _spmm_torch(A: CSR, X: Tensor, acc: Tensor | None = None) -> Tensor:
     """``acc + A·X`` by torch's sparse CSR matmul (the pure-PyTorch fallback).
 
-    On the CPU, torch's own row-parallel kernel (``reduce="sum"``) is used rather than MKL's,
-    which is slower for GNN-sized feature widths and costly to call on small matrices.
+    On the CPU this is torch's own row-parallel kernel (``reduce="sum"``), not MKL's
+    (``M @ X``): neither wins everywhere in ``benchmarks/results/spmm.md``, and this one is
+    faster on the GCN case there (100k nodes, F = 128, forward and transpose).
     """
     values = _values_like(A, X)
     if values is None:
