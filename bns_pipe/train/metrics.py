@@ -18,10 +18,18 @@ from bns_pipe import __version__
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """High-water mark: ``max_memory_allocated`` on CUDA, the process's peak RSS on CPU."""
+    """High-water mark: ``max_memory_allocated`` on CUDA, the process's peak RSS on CPU.
+
+    The RSS peak is ``VmHWM`` of /proc/self/status, which starts afresh at ``exec``;
+    ``ru_maxrss`` would carry over the RSS of the process that forked this one.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB, not Linux-exact
 
 
 def current_rss_bytes() -> int:
