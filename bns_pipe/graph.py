@@ -13,10 +13,13 @@ while it is in flight, then adds the halo block; backward mirrors it.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from bns_pipe.comm.halo import HaloExchange
 from bns_pipe.partition import Partition
+from bns_pipe.sampling import EpochSample, filter_halo_block
 from bns_pipe.sparse import CSR, spmm
 
 AGGREGATIONS = ("gcn", "mean")
@@ -54,14 +57,62 @@ class LocalGraph:
                 full.column_block(self.n_inner, n_local).to(device),
             )
         self.self_weight = (1.0 / (degree[: self.n_inner] + 1)).to(device, dtype).unsqueeze(1)
+        self.sample: EpochSample | None = None
+        self.sampled_blocks: dict[str, CSR] = {}
+        self.row_scale: torch.Tensor | None = None
+        self.norm, self.sample_scale, self.filter_s = "unbiased", 1.0, 0.0
+
+    def use_sample(
+        self, sample: EpochSample | None, scale: float = 1.0, norm: str = "unbiased"
+    ) -> None:
+        """Aggregate over the kept halo columns of ``sample`` (BNS) until the next call.
+
+        ``"unbiased"``: kept halo contributions are scaled by ``scale`` (1/p), normalisation
+        keeps global degrees; ``"renorm"``: each row's neighbour sum is scaled by
+        ``d_i / d̃_i``, its degree over its sampled degree. ``None`` restores the full graph.
+        """
+        self.sample, self.sampled_blocks, self.row_scale = sample, {}, None
+        if self.exchange is None:
+            return
+        if sample is None:
+            self.exchange.use_plan(*self.exchange.full_plan)
+            return
+        self.exchange.use_plan(sample.send_index, sample.send_splits, sample.recv_splits)
+        self.norm, self.sample_scale = norm, scale
+        if norm == "renorm":
+            halo = self.blocks["mean"][1]
+            kept = torch.zeros(halo.n_rows, dtype=torch.float64, device=halo.indptr.device)
+            rows = halo.row_ids()[sample.halo_keep[halo.indices]]
+            kept.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
+            inner_degree = self.blocks["mean"][0].indptr.diff().to(torch.float64)
+            full = inner_degree + halo.indptr.diff()
+            sampled = inner_degree + kept
+            scale = torch.where(sampled > 0, full / sampled.clamp(min=1), torch.ones_like(full))
+            self.row_scale = scale.to(self.self_weight.dtype).unsqueeze(1)
+
+    def _halo_block(self, kind: str) -> CSR:
+        """The halo block in use: full, or filtered to this epoch's sample (built once)."""
+        if self.sample is None:
+            return self.blocks[kind][1]
+        if kind not in self.sampled_blocks:
+            start = time.perf_counter()
+            halo = self.blocks[kind][1]
+            scale = 1.0 if self.norm == "renorm" else self.sample_scale
+            self.sampled_blocks[kind] = filter_halo_block(
+                halo, halo.transpose(), self.sample.halo_keep, scale
+            )[0]
+            self.filter_s += time.perf_counter() - start
+        return self.sampled_blocks[kind]
 
     def aggregate(self, x: torch.Tensor, kind: str, layer: int) -> torch.Tensor:
         """``A x`` for inner rows: x (n_inner, F) → (n_inner, F), halo rows fetched from peers."""
-        inner, halo = self.blocks[kind]
+        inner = self.blocks[kind][0]
         if self.exchange is None:
             out = spmm(inner, x)
         else:
-            out = _DistributedSpmm.apply(x, inner, halo, self.exchange, layer)
+            out = _DistributedSpmm.apply(x, inner, self._halo_block(kind), self.exchange, layer)
+        if self.row_scale is not None:
+            out = out * self.row_scale
         if kind == "gcn":
             out = out + self.self_weight * x
         return out

@@ -54,13 +54,9 @@ def run_cases(rank: int, world: int, cases: list[tuple[TrainConfig, Path]]) -> N
     ctx = init_distributed("gloo", "cpu", 1, 60)
     for config, out in cases:
         trainer = Trainer(config, ctx)
-        trainer.optimizer.zero_grad()
-        loss, logits = trainer.loss_and_logits(0)
-        loss.backward()
-        if trainer.reducer is not None:
-            trainer.reducer.wait()
+        loss, logits, _ = trainer.forward_backward(0)
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
-        losses = [trainer._sum(loss.detach().reshape(1))]
+        losses = [trainer._sum(loss.reshape(1))]
         trainer.optimizer.step()
         for epoch in range(1, EPOCHS):
             losses.append(trainer._sum(trainer.train_step(epoch)["loss"].reshape(1)))
@@ -71,7 +67,7 @@ def run_cases(rank: int, world: int, cases: list[tuple[TrainConfig, Path]]) -> N
         torch.save(
             {
                 "ids": trainer.view.graph.global_ids,
-                "logits": logits.detach(),
+                "logits": logits,
                 "grads": grads,
                 "losses": torch.cat(losses),
                 "eval_ids": view.graph.global_ids,
@@ -138,11 +134,13 @@ def reference_run(
     return first[0], first[1], torch.stack(losses), eval_logits
 
 
-def initial_state(data, model: str, layers: int, hidden: int, seed: int) -> dict:
+def initial_state(
+    data, model: str, layers: int, hidden: int, seed: int, norm: str = "layer"
+) -> dict:
     from bns_pipe.nn.model import GNN
 
     torch.manual_seed(seed)
-    gnn = GNN(data.x.size(1), hidden, data.num_classes, layers=layers, conv=model, norm="layer")
+    gnn = GNN(data.x.size(1), hidden, data.num_classes, layers=layers, conv=model, norm=norm)
     return {k: v.double() for k, v in gnn.state_dict().items()}
 
 

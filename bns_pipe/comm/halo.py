@@ -43,16 +43,26 @@ class HaloExchange:
         group: dist.ProcessGroup | None = None,
         hooks: Sequence[LayerHook] = (),
     ) -> None:
-        self.send_index = torch.cat(list(send_ids))
-        self.send_splits = [int(s.numel()) for s in send_ids]
-        self.recv_splits = [int(c) for c in halo_counts]
-        self.n_halo = sum(self.recv_splits)
+        self.full_plan = (
+            torch.cat(list(send_ids)),
+            [int(s.numel()) for s in send_ids],
+            [int(c) for c in halo_counts],
+        )
+        self.use_plan(*self.full_plan)
         self.group = group
         self.hooks = list(hooks)
         self.wait_s = 0.0
 
+    def use_plan(self, send_index: torch.Tensor, send_splits: list[int], recv_splits: list[int]):
+        """Exchange only these rows (a boundary sample) until the next call; ``send_index``
+        holds the local rows to send, concatenated over peers in rank order."""
+        self.send_index, self.send_splits, self.recv_splits = send_index, send_splits, recv_splits
+        self.n_halo = sum(recv_splits)
+
     def to(self, device: torch.device) -> HaloExchange:
-        self.send_index = self.send_index.to(device)
+        index, send_splits, recv_splits = self.full_plan
+        self.full_plan = (index.to(device), send_splits, recv_splits)
+        self.use_plan(*self.full_plan)
         return self
 
     def start_forward(self, x: torch.Tensor, layer: int) -> Transfer:

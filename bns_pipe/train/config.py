@@ -35,6 +35,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    sampling_rate: float = 1.0
+    bns_norm: str = "unbiased"
     use_pp: bool = False
     inductive: bool = False
     hook: list[str] = field(default_factory=list)
@@ -57,6 +59,8 @@ class TrainConfig:
             (self.eval_every >= 0, "--eval-every must be non-negative (0: never)"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
             (self.timeout > 0, "--timeout must be positive"),
+            (0.0 <= self.sampling_rate <= 1.0, "--sampling-rate must be in [0, 1]"),
+            (self.bns_norm in ("unbiased", "renorm"), "--bns-norm must be unbiased or renorm"),
             (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
             (not self.resume or self.checkpoint_dir, "--resume needs --checkpoint-dir"),
             (
@@ -89,6 +93,8 @@ _FLAG_HELP = {
     "checkpoint_dir": "directory for checkpoints",
     "checkpoint_every": "checkpoint every N epochs (0: only at the end and on SIGTERM)",
     "resume": "resume from the latest checkpoint in --checkpoint-dir",
+    "sampling_rate": "BNS: keep each boundary node with this probability per epoch (1: all)",
+    "bns_norm": "BNS normalisation: unbiased (kept halo rows x 1/p) or renorm (sampled degree)",
     "use_pp": "precompute the first layer's aggregation once (raw features never travel)",
     "inductive": "train on the subgraph induced by training nodes; evaluate on the full graph",
     "hook": "layer hook NAME[:key=value,...] (repeatable)",

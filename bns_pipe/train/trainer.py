@@ -24,6 +24,7 @@ from bns_pipe.errors import BnsPipeError, PartitionError
 from bns_pipe.hooks import ByteCounter, build_hook
 from bns_pipe.nn.model import GNN
 from bns_pipe.partition import load_partition, manifest_hash, read_manifest
+from bns_pipe.sampling import BoundarySampler
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
 from bns_pipe.train.distributed import DistContext
@@ -55,10 +56,21 @@ class Trainer:
         hooks = [*hooks, self.bytes]
         dtype = getattr(torch, config.dtype)
         self.eval_view = build_view(part, ctx, hooks, dtype)
-        self.view = self.eval_view
+        self.view, train_part = self.eval_view, part
         if config.inductive:
             train_part = training_subgraph(part, self.eval_view.exchange)
             self.view = build_view(train_part, ctx, hooks, dtype)
+        self.sampler = None
+        if config.sampling_rate < 1.0 and ctx.world_size > 1:
+            self.sampler = BoundarySampler(
+                config.seed,
+                ctx.rank,
+                ctx.world_size,
+                train_part.send_ids,
+                train_part.halo_counts,
+                config.sampling_rate,
+                device=ctx.device,
+            )
         self.multilabel, self.num_classes = part.multilabel, part.num_classes
         self.num_train = int(self._sum(torch.tensor([float(part.train_mask.sum())])))
         if self.num_train == 0:
@@ -113,26 +125,41 @@ class Trainer:
             loss = F.cross_entropy(logits[mask], y[mask], reduction="sum") / self.num_train
         return loss, logits
 
+    def forward_backward(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Sample (BNS), forward, backward and gradient all-reduce: the step minus the update.
+
+        Returns this rank's loss share, the logits and the step's times on this rank.
+        """
+        exchange, graph = self.view.exchange, self.view.graph
+        wait_before, filter_before = exchange.wait_s, graph.filter_s
+        sample_s = 0.0
+        if self.sampler is not None:
+            start = time.perf_counter()
+            graph.use_sample(self.sampler.sample(epoch), self.sampler.scale, self.config.bns_norm)
+            sample_s = time.perf_counter() - start
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, logits = self.loss_and_logits(epoch)
+            loss.backward()
+            reduce_s = self.reducer.wait() if self.reducer is not None else 0.0
+        finally:
+            if self.sampler is not None:
+                graph.use_sample(None)
+        times = {
+            "comm_s": exchange.wait_s - wait_before,
+            "reduce_s": reduce_s,
+            "sample_s": sample_s + graph.filter_s - filter_before,
+        }
+        return loss.detach(), logits.detach(), times
+
     def train_step(self, epoch: int) -> dict:
-        """Forward, backward, gradient all-reduce and optimiser step; returns this rank's times."""
-        exchange = self.view.exchange
-        wait_before = exchange.wait_s
+        """One epoch's step with the optimiser update; returns this rank's loss and times."""
         start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.loss_and_logits(epoch)
-        loss.backward()
-        reduce_s = self.reducer.wait() if self.reducer is not None else 0.0
+        loss, _, times = self.forward_backward(epoch)
         self.optimizer.step()
         epoch_time = time.perf_counter() - start
-        comm_s = exchange.wait_s - wait_before
-        return {
-            "loss": loss.detach(),
-            "epoch_time_s": epoch_time,
-            "compute_s": epoch_time - comm_s - reduce_s,
-            "comm_s": comm_s,
-            "reduce_s": reduce_s,
-            "sample_s": 0.0,
-        }
+        busy = times["comm_s"] + times["reduce_s"] + times["sample_s"]
+        return {"loss": loss, "epoch_time_s": epoch_time, "compute_s": epoch_time - busy, **times}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

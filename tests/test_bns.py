@@ -1,0 +1,115 @@
+"""BNS in training: p = 1 is exactly vanilla, p = 0 drops the halo, bad p is rejected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_geometric.utils import to_undirected
+
+from bns_pipe.errors import ConfigError
+from bns_pipe.train.config import TrainConfig
+from tests.test_gold import BASE, EPOCHS, check_against_reference, gold_dataset, run_world
+
+SMALL = {"norm": "none", "layers": 2}  # the p = 0 reference below is this model
+CASES = [
+    {"model": "gcn", "sampling_rate": 1.0},
+    {"model": "sage", "sampling_rate": 1.0, "bns_norm": "renorm"},
+    {"model": "gcn", "sampling_rate": 0.0, **SMALL},
+    {"model": "gcn", "sampling_rate": 0.3},
+]
+
+
+@pytest.fixture(scope="module")
+def bns_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    return run_world(2, [("synthetic", c) for c in CASES], tmp_path_factory.mktemp("bns"))
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_rate_one_is_exactly_vanilla(bns_runs, index: int) -> None:
+    check_against_reference(
+        gold_dataset("synthetic"), bns_runs[f"synthetic/{index}"], **CASES[index]
+    )
+
+
+def test_rate_zero_equals_training_without_the_halo(bns_runs, tmp_path: Path) -> None:
+    """Reference: the cut edges removed, GCN normalisation still by global degrees."""
+    data = gold_dataset("synthetic")
+    results = bns_runs["synthetic/2"]
+    owner = torch.empty(data.num_nodes, dtype=torch.long)
+    for rank, r in enumerate(results):
+        owner[r["eval_ids"]] = rank
+    src, dst = data.edge_index
+    keep = owner[src] == owner[dst]
+    degree = torch.bincount(dst, minlength=data.num_nodes).double() + 1
+    weight = (degree[src[keep]] * degree[dst[keep]]).rsqrt()
+
+    from tests.test_gold import initial_state
+
+    state = initial_state(data, "gcn", 2, BASE["hidden"], BASE["seed"], norm="none")
+    x = data.x.double()
+    mask = data.train_mask
+    params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=BASE["lr"])
+    ei = data.edge_index[:, keep]
+
+    def layer(h: torch.Tensor, i: int) -> torch.Tensor:
+        h = h @ params[f"convs.{i}.lin.weight"].t()
+        out = torch.zeros_like(h).index_add_(0, ei[1], h[ei[0]] * weight.unsqueeze(1))
+        return out + h / degree.unsqueeze(1) + params[f"convs.{i}.bias"]
+
+    losses = []
+    for _ in range(EPOCHS):
+        optimizer.zero_grad()
+        logits = layer(torch.relu(layer(x, 0)), 1)
+        loss = F.cross_entropy(logits[mask], data.y[mask])
+        loss.backward()
+        losses.append(loss.detach())
+        optimizer.step()
+    for r in results:
+        torch.testing.assert_close(r["losses"], torch.stack(losses), rtol=1e-9, atol=1e-10)
+    assert to_undirected(ei).size(1) == ei.size(1)  # the reference graph stays symmetric
+
+
+def test_sampled_training_moves_and_evaluation_stays_exact(bns_runs) -> None:
+    vanilla, sampled = bns_runs["synthetic/0"], bns_runs["synthetic/3"]
+    assert not torch.allclose(vanilla[0]["losses"][1:], sampled[0]["losses"][1:])
+    assert torch.isfinite(sampled[0]["losses"]).all()
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_bad_rate_is_rejected(p: float) -> None:
+    with pytest.raises(ConfigError, match="sampling-rate"):
+        TrainConfig(sampling_rate=p).validate()
+
+
+def test_sampling_cuts_the_bytes_that_travel(tmp_path: Path) -> None:
+    """Through the CLI: bytes at p = 0.1 are about a tenth of p = 1; sampling time is reported."""
+    import json
+
+    from bns_pipe.data import load_dataset
+    from bns_pipe.partition import partition
+    from tests.test_failures import train
+
+    data = load_dataset("synthetic", num_nodes=3000, num_features=16, num_classes=4)
+    partition(data, 2, tmp_path / "p", method="random", verbose=False)
+    sent = {}
+    for p in ("1.0", "0.1"):
+        metrics = tmp_path / f"{p}.jsonl"
+        done = train(
+            "--partition-dir",
+            str(tmp_path / "p"),
+            "--epochs",
+            "4",
+            "--sampling-rate",
+            p,
+            "--metrics-jsonl",
+            str(metrics),
+        )
+        assert done.returncode == 0, done.stderr
+        epochs = [json.loads(x) for x in metrics.read_text().splitlines() if '"epoch"' in x]
+        sent[p] = sum(r["comm_bytes"] for r in epochs)
+        assert all((r["sample_s"] > 0) == (p == "0.1") for r in epochs)
+    assert 0.07 < sent["0.1"] / sent["1.0"] < 0.13
