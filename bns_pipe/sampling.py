@@ -140,8 +140,7 @@ def filter_halo_block(halo: CSR, halo_t: CSR, col_keep: Tensor, scale: float) ->
         )
     block = _filter(halo, col_keep, scale, "columns")
     block_t = _filter(halo_t, col_keep, scale, "rows")
-    # Link the two as CSR.transpose() caches them.
-    block._transpose, block_t._transpose = block_t, block
+    block.set_transpose(block_t)
     return block, block_t
 
 

@@ -97,10 +97,13 @@ class CSR:
             counts = torch.bincount(self.indices, minlength=self.n_cols)
             indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             values = None if self.values is None else self.values[perm]
-            t = CSR(indptr, self.row_ids()[perm], values, self.n_rows)
-            t._transpose = self
-            self._transpose = t
+            self.set_transpose(CSR(indptr, self.row_ids()[perm], values, self.n_rows))
         return self._transpose
+
+    def set_transpose(self, t: CSR) -> None:
+        """Record ``t`` as this matrix's transpose (and this as ``t``'s), e.g. when both were
+        derived together; :meth:`transpose` then returns it without building one."""
+        self._transpose, t._transpose = t, self
 
     def column_block(self, start: int, stop: int) -> CSR:
         """Columns ``[start, stop)`` as an ``(n_rows, stop - start)`` CSR, ids shifted by -start.
@@ -134,8 +137,7 @@ class CSR:
         """A copy on ``device``; a cached transpose moves along."""
         out = self._moved(device)
         if self._transpose is not None:
-            out._transpose = self._transpose._moved(device)
-            out._transpose._transpose = out
+            out.set_transpose(self._transpose._moved(device))
         return out
 
     def _moved(self, device: torch.device | str) -> CSR:
