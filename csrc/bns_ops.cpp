@@ -26,6 +26,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "row_ranges.h"
+
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -73,26 +75,9 @@ void check_csr(const at::Tensor& indptr, const at::Tensor& indices,
 // Calls fn(begin, end) on ranges of rows [0, n_rows) of about equal nnz + rows, in parallel.
 template <typename Fn>
 void for_row_ranges(const int64_t* indptr, int64_t n_rows, const Fn& fn) {
-  const int64_t work = indptr[n_rows] + n_rows;
-  const int64_t n_parts = std::clamp<int64_t>(work / kGrain, 1, at::get_num_threads());
-  auto part_start = [&](int64_t p) -> int64_t {
-    if (p == n_parts) return n_rows;
-    const int64_t target = work * p / n_parts;
-    // The first row i with indptr[i] + i >= target.
-    int64_t lo = 0, hi = n_rows;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (indptr[mid] + mid < target) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    return lo;
-  };
-  at::parallel_for(0, n_parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    fn(part_start(p_begin), part_start(p_end));
-  });
+  const int64_t n_parts =
+      std::clamp<int64_t>((indptr[n_rows] + n_rows) / kGrain, 1, at::get_num_threads());
+  for_balanced_row_ranges(indptr, n_rows, n_parts, fn);
 }
 
 // indptr[r + 1] holds the length of row r on entry and the end of row r on return.

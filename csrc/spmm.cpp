@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "row_ranges.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -97,22 +99,8 @@ void spmm_parallel(const SpmmArgs<scalar_t>& a, int64_t n_rows) {
   const int64_t work = indptr[n_rows] + n_rows;
   const int64_t n_parts = std::clamp<int64_t>(work * std::max<int64_t>(a.F, 1) / kGrainWork, 1,
                                               at::get_num_threads());
-  auto part_start = [&](int64_t p) -> int64_t {
-    if (p == n_parts) return n_rows;
-    const int64_t target = work * p / n_parts;
-    int64_t lo = 0, hi = n_rows;  // first row i with indptr[i] + i >= target
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (indptr[mid] + mid < target) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    return lo;
-  };
-  at::parallel_for(0, n_parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    spmm_rows_best<scalar_t, kValues>(a, part_start(p_begin), part_start(p_end));
+  for_balanced_row_ranges(indptr, n_rows, n_parts, [&](int64_t begin, int64_t end) {
+    spmm_rows_best<scalar_t, kValues>(a, begin, end);
   });
 }
 
