@@ -8,7 +8,9 @@ For inner node i the layers need ``sum_j a_ij h_j`` over its in-neighbours j, in
 
 The local CSR is split by columns into an inner block (n_inner, n_inner) and a halo block
 (n_inner, n_halo). :func:`aggregate` starts the halo exchange, multiplies the inner block
-while it is in flight, then adds the halo block; backward mirrors it.
+while it is in flight, then adds the halo block; backward mirrors it. The halo rows come
+from a *transport*: the synchronous :class:`~bns_pipe.comm.halo.HaloExchange`, or during
+pipelined training the one-epoch-stale :class:`~bns_pipe.comm.pipeline.HaloPipeline`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import torch
 
 from bns_pipe.comm.halo import HaloExchange
+from bns_pipe.comm.pipeline import HaloPipeline
 from bns_pipe.partition import Partition
 from bns_pipe.sampling import EpochSample, filter_halo_block
 from bns_pipe.sparse import CSR, spmm
@@ -41,6 +44,7 @@ class LocalGraph:
         self.n_inner, self.n_halo = part.n_inner, part.n_halo
         self.global_ids = part.inner_global_ids.to(device)
         self.exchange = exchange
+        self.transport: HaloExchange | HaloPipeline | None = exchange
         degree = part.in_degree.to(torch.float64)
         rows = torch.repeat_interleave(torch.arange(self.n_inner), part.indptr.diff())
         inv_sqrt = (degree + 1).rsqrt()
@@ -74,10 +78,9 @@ class LocalGraph:
         self.sample, self.sampled_blocks, self.row_scale = sample, {}, None
         if self.exchange is None:
             return
+        self.exchange.use_plan(sample)
         if sample is None:
-            self.exchange.use_plan(*self.exchange.full_plan)
             return
-        self.exchange.use_plan(sample.send_index, sample.send_splits, sample.recv_splits)
         self.norm, self.sample_scale = norm, scale
         if norm == "renorm":
             halo = self.blocks["mean"][1]
@@ -89,6 +92,11 @@ class LocalGraph:
             sampled = inner_degree + kept
             scale = torch.where(sampled > 0, full / sampled.clamp(min=1), torch.ones_like(full))
             self.row_scale = scale.to(self.self_weight.dtype).unsqueeze(1)
+
+    def use_pipeline(self, pipeline: HaloPipeline | None) -> None:
+        """Take halo rows from ``pipeline`` (stale by one epoch) until the next call;
+        ``None`` restores the synchronous exchange."""
+        self.transport = self.exchange if pipeline is None else pipeline
 
     def _halo_block(self, kind: str) -> CSR:
         """The halo block in use: full, or filtered to this epoch's sample (built once)."""
@@ -110,7 +118,7 @@ class LocalGraph:
         if self.exchange is None:
             out = spmm(inner, x)
         else:
-            out = _DistributedSpmm.apply(x, inner, self._halo_block(kind), self.exchange, layer)
+            out = _DistributedSpmm.apply(x, inner, self._halo_block(kind), self.transport, layer)
         if self.row_scale is not None:
             out = out * self.row_scale
         if kind == "gcn":
@@ -119,24 +127,23 @@ class LocalGraph:
 
 
 class _DistributedSpmm(torch.autograd.Function):
-    """``A_inner x + A_halo x_halo`` with the halo exchange overlapping the inner product."""
+    """``A_inner x + A_halo x_halo`` with the halo transfer overlapping the inner product."""
 
     @staticmethod
-    def forward(ctx, x, inner: CSR, halo: CSR, exchange: HaloExchange, layer: int):
-        transfer = exchange.start_forward(x.detach(), layer)
+    def forward(ctx, x, inner: CSR, halo: CSR, transport: HaloExchange | HaloPipeline, layer):
+        sent = transport.send_features(x.detach(), layer)
         out = spmm(inner, x.detach())
-        x_halo = exchange.wait(transfer)
+        x_halo = transport.halo_features(sent, layer)
         if x_halo.numel():
             out = spmm(halo, x_halo, out)
-        ctx.blocks, ctx.exchange, ctx.layer = (inner, halo), exchange, layer
+        ctx.blocks, ctx.transport, ctx.layer = (inner, halo), transport, layer
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         inner, halo = ctx.blocks
         grad_out = grad_out.contiguous()
-        transfer = ctx.exchange.start_backward(spmm(halo.transpose(), grad_out), ctx.layer)
+        sent = ctx.transport.send_gradients(spmm(halo.transpose(), grad_out), ctx.layer)
         grad_x = spmm(inner.transpose(), grad_out)
-        returned = ctx.exchange.wait(transfer)
-        grad_x.index_add_(0, ctx.exchange.send_index, returned)
+        ctx.transport.add_returned_gradients(sent, ctx.layer, grad_x)
         return grad_x, None, None, None, None

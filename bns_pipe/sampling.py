@@ -23,6 +23,7 @@ pure PyTorch; both give bit-identical results (on CUDA, repeated indices of
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ __all__ = [
     "BoundarySampler",
     "EpochSample",
     "filter_halo_block",
+    "full_sample",
     "pack_rows",
     "scatter_add_rows",
     "send_keep",
@@ -187,25 +189,52 @@ def scatter_add_rows(out: Tensor, index: Tensor, rows: Tensor, scale: float = 1.
 
 @dataclass(frozen=True)
 class EpochSample:
-    """One rank's boundary sample for one epoch.
+    """One rank's boundary sample for one epoch: the plan of its halo transfers.
 
     ``send_index`` (m,) int64: the kept local inner rows to pack, concatenated over peers in
-    rank order; ``send_splits[j]`` of them go to peer j. ``recv_splits[j]``: kept halo rows
-    from owner j. ``halo_keep`` (n_halo,) bool: which halo columns survive (halo grouped by
-    owner in rank order). ``sample_s``: seconds spent sampling. The tensors may be shared
-    between epochs: treat them as read-only.
+    rank order; ``send_splits[j]`` of them go to peer j. ``send_keep`` (n_send,) bool: which
+    positions of the concatenated send lists survive (``send_index`` is the concatenated
+    send lists at these positions). ``recv_splits[j]``: kept halo rows from owner j.
+    ``halo_keep`` (n_halo,) bool: which halo columns survive (halo grouped by owner in rank
+    order). ``sample_s``: seconds spent sampling. The tensors may be shared between epochs:
+    treat them as read-only.
     """
 
     epoch: int
     send_index: Tensor
     send_splits: list[int]
+    send_keep: Tensor
     recv_splits: list[int]
     halo_keep: Tensor
-    sample_s: float
+    sample_s: float = 0.0
 
     @property
     def n_kept_halo(self) -> int:
         return sum(self.recv_splits)
+
+    def to(self, device: torch.device | str) -> EpochSample:
+        return dataclasses.replace(
+            self,
+            send_index=self.send_index.to(device),
+            send_keep=self.send_keep.to(device),
+            halo_keep=self.halo_keep.to(device),
+        )
+
+
+def full_sample(
+    send_ids: Sequence[Tensor], halo_counts: Sequence[int] | Tensor, epoch: int = -1
+) -> EpochSample:
+    """The plan that keeps every boundary node (p = 1, and evaluation)."""
+    send_index = torch.cat(list(send_ids))
+    device = send_index.device
+    return EpochSample(
+        epoch,
+        send_index,
+        [int(ids.numel()) for ids in send_ids],
+        torch.ones(send_index.numel(), dtype=torch.bool, device=device),
+        [int(c) for c in halo_counts],
+        torch.ones(int(sum(int(c) for c in halo_counts)), dtype=torch.bool, device=device),
+    )
 
 
 class BoundarySampler:
@@ -242,21 +271,14 @@ class BoundarySampler:
         self.send_ids = [ids.to(self.device) for ids in send_ids]
         self.halo_counts = [int(c) for c in halo_counts]
         self.scale = 1.0 / p if p > 0 else 1.0
-        self._all_send = torch.cat(self.send_ids)
-        self._all_halo = torch.ones(sum(self.halo_counts), dtype=torch.bool, device=self.device)
+        self._full = full_sample(self.send_ids, self.halo_counts)
 
     def sample(self, epoch: int) -> EpochSample:
         """The kept send rows and halo columns of ``epoch`` (the same on every call)."""
         start = time.perf_counter()
         if self.p == 1.0:  # everything is kept: skip the hashing
-            send_splits = [ids.numel() for ids in self.send_ids]
-            return EpochSample(
-                epoch,
-                self._all_send,
-                send_splits,
-                list(self.halo_counts),
-                self._all_halo,
-                time.perf_counter() - start,
+            return dataclasses.replace(
+                self._full, epoch=epoch, sample_s=time.perf_counter() - start
             )
         args = (self.p, self.device)
         send_masks = [
@@ -271,8 +293,9 @@ class BoundarySampler:
         counts = torch.stack([m.sum() for m in send_masks + halo_masks]).tolist()
         return EpochSample(
             epoch,
-            self._all_send[send_keep_all],
+            self._full.send_index[send_keep_all],
             counts[: self.world_size],
+            send_keep_all,
             counts[self.world_size :],
             torch.cat(halo_masks),
             time.perf_counter() - start,

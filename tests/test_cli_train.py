@@ -61,6 +61,7 @@ def test_toml_config_flags_override_and_metrics_contract(parts, tmp_path: Path) 
         "epoch_time_s",
         "compute_s",
         "comm_s",
+        "comm_hidden_s",
         "reduce_s",
         "sample_s",
         "comm_bytes",

@@ -46,7 +46,7 @@ def _exchange_worker(rank: int, world: int, out: Path) -> None:
     grad_halo = torch.randn(int(halo_counts.sum()), 3, generator=gen, dtype=torch.float64)
     returned = exchange.wait(exchange.start_backward(grad_halo, layer=0))
     grad_inner = torch.zeros(N_INNER[rank], 3, dtype=torch.float64)
-    grad_inner.index_add_(0, exchange.send_index, returned)
+    grad_inner.index_add_(0, exchange.plan.send_index, returned)
     torch.save(
         {"halo": halo, "grad_halo": grad_halo, "grad_inner": grad_inner, "bytes": counter.sent},
         out / f"rank_{rank}.pt",

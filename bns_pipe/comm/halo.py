@@ -4,36 +4,48 @@ Forward, rank i packs ``x[send_ids[j]]`` for every peer j into one buffer; after
 ``all_to_all_single`` the received buffer is exactly its halo block (grouped by owner in
 rank order). Backward reverses the call: halo gradients go back to their owners, who add
 them into the rows they sent.
+
+Layers talk to an exchange through four calls (the *transport* protocol, which
+:class:`~bns_pipe.comm.pipeline.HaloPipeline` implements too): ``send_features`` then
+``halo_features`` in the forward pass, ``send_gradients`` then ``add_returned_gradients`` in
+the backward pass; the computation between each pair overlaps the transfer.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from bns_pipe.hooks import LayerHook
+from bns_pipe.sampling import EpochSample, full_sample, pack_rows, scatter_add_rows
 
 
 @dataclass
 class Transfer:
-    """An all-to-all in flight; ``wait`` returns the received rows."""
+    """An all-to-all in flight; :meth:`HaloExchange.wait` returns the received rows.
+
+    ``started`` and ``done_at`` (set by the completion callback) are ``perf_counter`` times.
+    """
 
     work: dist.Work | None
     received: torch.Tensor
     layer: int
     direction: str
+    started: float = field(default_factory=time.perf_counter)
+    done_at: float | None = None
 
 
 class HaloExchange:
     """The per-rank plan of halo transfers: send lists in, halo counts out.
 
     ``send_ids``: K tensors of local inner indices (``send_ids[j]`` for peer j);
-    ``halo_counts`` (K,): halo rows received from each peer. ``wait_s`` accumulates the
-    time spent blocked on transfers (exposed communication).
+    ``halo_counts`` (K,): halo rows received from each peer. Time accounting over all
+    transfers: ``wait_s`` is the time spent blocked on them (exposed communication),
+    ``hidden_s`` the time they were in flight while this rank computed.
     """
 
     def __init__(
@@ -43,53 +55,73 @@ class HaloExchange:
         group: dist.ProcessGroup | None = None,
         hooks: Sequence[LayerHook] = (),
     ) -> None:
-        self.full_plan = (
-            torch.cat(list(send_ids)),
-            [int(s.numel()) for s in send_ids],
-            [int(c) for c in halo_counts],
-        )
-        self.use_plan(*self.full_plan)
+        self.full_plan = full_sample(send_ids, halo_counts)
+        self.use_plan(None)
         self.group = group
         self.hooks = list(hooks)
-        self.wait_s = 0.0
+        self.wait_s = self.hidden_s = 0.0
 
-    def use_plan(self, send_index: torch.Tensor, send_splits: list[int], recv_splits: list[int]):
-        """Exchange only these rows (a boundary sample) until the next call; ``send_index``
-        holds the local rows to send, concatenated over peers in rank order."""
-        self.send_index, self.send_splits, self.recv_splits = send_index, send_splits, recv_splits
-        self.n_halo = sum(recv_splits)
+    def use_plan(self, plan: EpochSample | None) -> None:
+        """Exchange only the rows of ``plan`` (a boundary sample) until the next call;
+        ``None`` restores the full plan."""
+        self.plan = self.full_plan if plan is None else plan
 
     def to(self, device: torch.device) -> HaloExchange:
-        index, send_splits, recv_splits = self.full_plan
-        self.full_plan = (index.to(device), send_splits, recv_splits)
-        self.use_plan(*self.full_plan)
+        self.full_plan = self.full_plan.to(device)
+        self.use_plan(None)
         return self
 
-    def start_forward(self, x: torch.Tensor, layer: int) -> Transfer:
-        """Send this rank's boundary rows of ``x`` (n_inner, F); receive the halo rows."""
-        rows = x.index_select(0, self.send_index)
-        return self._start(rows, self.n_halo, self.recv_splits, self.send_splits, layer, "forward")
+    # -- transfers ------------------------------------------------------------------------
 
-    def start_backward(self, grad_halo: torch.Tensor, layer: int) -> Transfer:
-        """Return halo gradients (n_halo, F) to their owners; receive (len(send_index), F)."""
-        n_back = self.send_index.numel()
-        return self._start(grad_halo, n_back, self.send_splits, self.recv_splits, layer, "backward")
+    def start_forward(
+        self, x: torch.Tensor, layer: int, plan: EpochSample | None = None
+    ) -> Transfer:
+        """Send this rank's boundary rows of ``x`` (n_inner, F) under ``plan`` (default: the
+        plan in use); the transfer receives the plan's halo rows (n_kept_halo, F)."""
+        plan = self.plan if plan is None else plan
+        rows = pack_rows(x, plan.send_index)
+        return self._start(rows, plan.recv_splits, plan.send_splits, layer, "forward")
+
+    def start_backward(
+        self, grad_halo: torch.Tensor, layer: int, plan: EpochSample | None = None
+    ) -> Transfer:
+        """Return halo gradients (n_kept_halo, F) to their owners; the transfer receives
+        (len(plan.send_index), F) rows, in send order."""
+        plan = self.plan if plan is None else plan
+        return self._start(grad_halo, plan.send_splits, plan.recv_splits, layer, "backward")
 
     def wait(self, transfer: Transfer) -> torch.Tensor:
         """Block until ``transfer`` is done and return its rows (decoded by the hooks)."""
         start = time.perf_counter()
         if transfer.work is not None:
             transfer.work.wait()
-        self.wait_s += time.perf_counter() - start
+            self.wait_s += time.perf_counter() - start
+            done = transfer.done_at if transfer.done_at is not None else start
+            self.hidden_s += max(0.0, min(done, start) - transfer.started)
         rows = transfer.received
         for hook in reversed(self.hooks):
             rows = hook.on_receive(transfer.layer, transfer.direction, rows)
         return rows
 
+    # -- the transport protocol (synchronous within a layer) ------------------------------
+
+    def send_features(self, x: torch.Tensor, layer: int) -> Transfer:
+        return self.start_forward(x, layer)
+
+    def halo_features(self, sent: Transfer, layer: int) -> torch.Tensor:
+        """The halo rows the layer aggregates this time: (n_kept_halo, F)."""
+        return self.wait(sent)
+
+    def send_gradients(self, grad_halo: torch.Tensor, layer: int) -> Transfer:
+        return self.start_backward(grad_halo, layer)
+
+    def add_returned_gradients(self, sent: Transfer, layer: int, grad_x: torch.Tensor) -> None:
+        """Add the gradients peers returned for this rank's sent rows into ``grad_x``."""
+        scatter_add_rows(grad_x, self.plan.send_index, self.wait(sent))
+
     def _start(
         self,
         rows: torch.Tensor,
-        n_out: int,
         out_splits: list[int],
         in_splits: list[int],
         layer: int,
@@ -98,10 +130,16 @@ class HaloExchange:
         payload = rows.contiguous()
         for hook in self.hooks:
             payload = hook.on_send(layer, direction, payload)
-        received = payload.new_empty((n_out, *payload.shape[1:]))
+        received = payload.new_empty((sum(out_splits), *payload.shape[1:]))
         if len(out_splits) == 1:  # one rank: nothing travels
             return Transfer(None, received, layer, direction)
         work = dist.all_to_all_single(
             received, payload, out_splits, in_splits, group=self.group, async_op=True
         )
-        return Transfer(work, received, layer, direction)
+        transfer = Transfer(work, received, layer, direction)
+        work.get_future().add_done_callback(lambda _: _mark_done(transfer))
+        return transfer
+
+
+def _mark_done(transfer: Transfer) -> None:
+    transfer.done_at = time.perf_counter()

@@ -2,8 +2,9 @@
 
 ``model.pt`` holds the model, the optimiser and the loop state; it does not depend on the
 number of ranks, so ``bns-pipe eval`` can load it on any world size. Each rank's shard holds
-its own state (RNG, later the pipeline buffers). All ranks write into a temporary directory;
-after a barrier rank 0 renames it, so a checkpoint exists whole or not at all. Files hold
+its own state (RNG, and with ``--pipeline`` the stale halo buffers). All ranks write into a
+temporary directory; after a barrier rank 0 renames it, so a checkpoint exists whole or not at
+all. Files hold
 tensors and plain values only and are read with ``torch.load(weights_only=True)``. The
 directory must be shared by all ranks (for multi-node runs: a shared filesystem).
 """
@@ -29,8 +30,10 @@ def save(
     optimizer: torch.optim.Optimizer,
     state: dict,
     config: dict,
+    rank_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint of the epoch ``state["epoch"]`` (every rank calls this)."""
+    """Write the checkpoint of the epoch ``state["epoch"]`` (every rank calls this);
+    ``rank_state`` goes into this rank's shard."""
     directory = Path(directory)
     final = directory / f"{PREFIX}{state['epoch']:06d}"
     tmp = directory / f".{final.name}.tmp"
@@ -38,7 +41,12 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier(group=ctx.reduce_group)
-    shard = {"rng_cpu": torch.get_rng_state(), "rank": ctx.rank, "world_size": ctx.world_size}
+    shard = {
+        "rng_cpu": torch.get_rng_state(),
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+        "rank_state": rank_state or {},
+    }
     torch.save(shard, tmp / f"rank_{ctx.rank}.pt")
     if ctx.is_main:
         torch.save(
@@ -87,8 +95,9 @@ def load_latest(
     ctx: DistContext,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-) -> dict | None:
-    """Restore the newest checkpoint into ``model`` and ``optimizer``; return the loop state."""
+) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """Restore the newest checkpoint into ``model`` and ``optimizer``; return the loop state
+    and this rank's ``rank_state``, or None without a checkpoint."""
     path = latest(directory)
     if path is None:
         return None
@@ -106,4 +115,4 @@ def load_latest(
     model.load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(shard["rng_cpu"])
-    return blob["state"]
+    return blob["state"], shard.get("rank_state", {})

@@ -37,6 +37,9 @@ class TrainConfig:
     resume: bool = False
     sampling_rate: float = 1.0
     bns_norm: str = "unbiased"
+    pipeline: bool = False
+    feat_smooth: float = 0.0
+    grad_smooth: float = 0.0
     use_pp: bool = False
     inductive: bool = False
     hook: list[str] = field(default_factory=list)
@@ -61,6 +64,12 @@ class TrainConfig:
             (self.timeout > 0, "--timeout must be positive"),
             (0.0 <= self.sampling_rate <= 1.0, "--sampling-rate must be in [0, 1]"),
             (self.bns_norm in ("unbiased", "renorm"), "--bns-norm must be unbiased or renorm"),
+            (0.0 <= self.feat_smooth < 1.0, "--feat-smooth must be in [0, 1)"),
+            (0.0 <= self.grad_smooth < 1.0, "--grad-smooth must be in [0, 1)"),
+            (
+                self.pipeline or (self.feat_smooth == 0 and self.grad_smooth == 0),
+                "--feat-smooth and --grad-smooth need --pipeline",
+            ),
             (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
             (not self.resume or self.checkpoint_dir, "--resume needs --checkpoint-dir"),
             (
@@ -95,6 +104,9 @@ _FLAG_HELP = {
     "resume": "resume from the latest checkpoint in --checkpoint-dir",
     "sampling_rate": "BNS: keep each boundary node with this probability per epoch (1: all)",
     "bns_norm": "BNS normalisation: unbiased (kept halo rows x 1/p) or renorm (sampled degree)",
+    "pipeline": "PipeGCN: use last epoch's halo features and gradients; transfers run hidden",
+    "feat_smooth": "pipeline: moving-average factor of the stale halo features (0: off)",
+    "grad_smooth": "pipeline: moving-average factor of the stale halo gradients (0: off)",
     "use_pp": "precompute the first layer's aggregation once (raw features never travel)",
     "inductive": "train on the subgraph induced by training nodes; evaluate on the full graph",
     "hook": "layer hook NAME[:key=value,...] (repeatable)",

@@ -4,7 +4,9 @@ Every rank holds one partition. An epoch is a full-graph forward over the inner 
 rows fetched from their owners), a loss normalised by the *global* number of training nodes,
 a backward that returns halo gradients to their owners, a bucketed all-reduce (sum) of the
 weight gradients, and one Adam step. The sum of the ranks' gradients is therefore the
-single-process gradient.
+single-process gradient. BNS (``--sampling-rate``) restricts each epoch's halo to a sample;
+PipeGCN (``--pipeline``) feeds the layers last epoch's halo features and gradients while this
+epoch's travel in the background; the weight-gradient all-reduce stays exact in every mode.
 """
 
 from __future__ import annotations
@@ -19,17 +21,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from bns_pipe.comm.pipeline import HaloPipeline
 from bns_pipe.comm.reducer import GradReducer
 from bns_pipe.errors import BnsPipeError, PartitionError
 from bns_pipe.hooks import ByteCounter, build_hook
 from bns_pipe.nn.model import GNN
 from bns_pipe.partition import load_partition, manifest_hash, read_manifest
-from bns_pipe.sampling import BoundarySampler
+from bns_pipe.sampling import BoundarySampler, EpochSample
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
 from bns_pipe.train.distributed import DistContext
 from bns_pipe.train.metrics import MetricsWriter, median_epochs_per_s, peak_memory_bytes
 from bns_pipe.train.views import SPLITS, build_view, training_subgraph
+
+# Per-epoch times in the metrics, each the max over ranks (see the README's metrics contract).
+TIMES = ("epoch_time_s", "compute_s", "comm_s", "comm_hidden_s", "reduce_s", "sample_s")
 
 
 class TrainingError(BnsPipeError):
@@ -60,8 +66,13 @@ class Trainer:
         if config.inductive:
             train_part = training_subgraph(part, self.eval_view.exchange)
             self.view = build_view(train_part, ctx, hooks, dtype)
+        distributed = ctx.world_size > 1
+        self.sampling = config.sampling_rate < 1.0 and distributed
+        self.pipeline = None
+        if config.pipeline and distributed:
+            self.pipeline = HaloPipeline(self.view.exchange, config.feat_smooth, config.grad_smooth)
         self.sampler = None
-        if config.sampling_rate < 1.0 and ctx.world_size > 1:
+        if self.sampling:
             self.sampler = BoundarySampler(
                 config.seed,
                 ctx.rank,
@@ -98,6 +109,7 @@ class Trainer:
         if config.use_pp:
             for view in {id(v): v for v in (self.view, self.eval_view)}.values():
                 view.precomputed = self.model.precompute(view.graph, view.x)
+        self._samples: dict[int, EpochSample] = {}
         self.startup_comm_bytes = int(self._sum(torch.tensor([float(self.bytes.total())])))
         self.bytes.reset()
         self.state = {
@@ -131,26 +143,40 @@ class Trainer:
         Returns this rank's loss share, the logits and the step's times on this rank.
         """
         exchange, graph = self.view.exchange, self.view.graph
-        wait_before, filter_before = exchange.wait_s, graph.filter_s
-        sample_s = 0.0
-        if self.sampler is not None:
-            start = time.perf_counter()
-            graph.use_sample(self.sampler.sample(epoch), self.sampler.scale, self.config.bns_norm)
-            sample_s = time.perf_counter() - start
+        before = (exchange.wait_s, exchange.hidden_s, graph.filter_s)
+        start = time.perf_counter()
+        sample = self._sample(epoch)
+        if self.sampling:
+            graph.use_sample(sample, self.sampler.scale, self.config.bns_norm)
+        if self.pipeline is not None:
+            self.pipeline.start_epoch(sample, self._sample(epoch + 1))
+            graph.use_pipeline(self.pipeline)
+        sample_s = time.perf_counter() - start if self.sampling else 0.0
         try:
             self.optimizer.zero_grad(set_to_none=True)
             loss, logits = self.loss_and_logits(epoch)
             loss.backward()
             reduce_s = self.reducer.wait() if self.reducer is not None else 0.0
         finally:
-            if self.sampler is not None:
-                graph.use_sample(None)
+            graph.use_sample(None)
+            graph.use_pipeline(None)
         times = {
-            "comm_s": exchange.wait_s - wait_before,
+            "comm_s": exchange.wait_s - before[0],
+            "comm_hidden_s": exchange.hidden_s - before[1],
             "reduce_s": reduce_s,
-            "sample_s": sample_s + graph.filter_s - filter_before,
+            "sample_s": sample_s + graph.filter_s - before[2],
         }
         return loss.detach(), logits.detach(), times
+
+    def _sample(self, epoch: int) -> EpochSample | None:
+        """Epoch ``epoch``'s boundary sample (None without BNS); the pipeline asks one epoch
+        ahead, so the last two are kept."""
+        if self.sampler is None:
+            return None
+        if epoch not in self._samples:
+            self._samples = {e: s for e, s in self._samples.items() if e >= epoch - 1}
+            self._samples[epoch] = self.sampler.sample(epoch)
+        return self._samples[epoch]
 
     def train_step(self, epoch: int) -> dict:
         """One epoch's step with the optimiser update; returns this rank's loss and times."""
@@ -210,6 +236,8 @@ class Trainer:
                 cfg.checkpoint_every == 0 or cfg.epochs % cfg.checkpoint_every
             ):
                 self._checkpoint()
+            if self.pipeline is not None:  # the last epoch's transfers are still in flight
+                self.pipeline.drain()
         finally:
             progress.close()
             stop.restore()
@@ -233,8 +261,7 @@ class Trainer:
         ctx = self.ctx
         peak = peak_memory_bytes(ctx.device)
         maxed = torch.tensor(
-            [times[k] for k in ("epoch_time_s", "compute_s", "comm_s", "reduce_s", "sample_s")]
-            + [float(peak), float(stop_requested)],
+            [times[k] for k in TIMES] + [float(peak), float(stop_requested)],
             dtype=torch.float64,
         )
         per_rank = torch.zeros(ctx.world_size, dtype=torch.float64)
@@ -257,17 +284,11 @@ class Trainer:
         record = {
             "epoch": epoch,
             "loss": loss,
-            **dict(
-                zip(
-                    ("epoch_time_s", "compute_s", "comm_s", "reduce_s", "sample_s"),
-                    maxed[:5].tolist(),
-                    strict=True,
-                )
-            ),
+            **dict(zip(TIMES, maxed[: len(TIMES)].tolist(), strict=True)),
             "comm_bytes": int(summed[1]),
-            "peak_mem_bytes": int(maxed[5]),
+            "peak_mem_bytes": int(maxed[len(TIMES)]),
             "peak_mem_bytes_per_rank": [int(v) for v in summed[2:]],
-            "_stop": bool(maxed[6]),
+            "_stop": bool(maxed[len(TIMES) + 1]),
         }
         self.state["epoch_times"].append(record["epoch_time_s"])
         self.state["epoch_bytes"].append(record["comm_bytes"])
@@ -290,14 +311,18 @@ class Trainer:
             self.optimizer,
             self.state,
             dataclasses.asdict(self.config),
+            rank_state=self.pipeline.state_dict() if self.pipeline is not None else None,
         )
 
     def _resume(self) -> None:
-        state = checkpoint.load_latest(
+        found = checkpoint.load_latest(
             self.config.checkpoint_dir, self.ctx, self.model, self.optimizer
         )
-        if state is not None:
-            self.state = state
+        if found is None:
+            return
+        self.state, rank_state = found
+        if self.pipeline is not None:
+            self.pipeline.load_state_dict(rank_state)
 
     def _sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
