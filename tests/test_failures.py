@@ -60,7 +60,19 @@ def test_nan_loss_stops_every_rank(two_parts: Path) -> None:
     assert done.stderr.count("the loss became nan") == 2, done.stderr
 
 
-def test_killed_rank_ends_the_others(two_parts: Path, tmp_path: Path) -> None:
+PIPELINE_BNS = [
+    "--pipeline",
+    "--sampling-rate",
+    "0.5",
+    "--feat-smooth",
+    "0.9",
+    "--grad-smooth",
+    "0.5",
+]
+
+
+@pytest.mark.parametrize("mode", [[], PIPELINE_BNS], ids=["vanilla", "pipeline-bns"])
+def test_killed_rank_ends_the_others(two_parts: Path, tmp_path: Path, mode: list[str]) -> None:
     metrics = tmp_path / "m.jsonl"
     command = [
         sys.executable,
@@ -74,6 +86,7 @@ def test_killed_rank_ends_the_others(two_parts: Path, tmp_path: Path) -> None:
         "100000",
         "--metrics-jsonl",
         str(metrics),
+        *mode,
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -104,8 +117,12 @@ def _worker_pids(parent: int) -> list[int]:
     return sorted(found)
 
 
-def test_resume_continues_the_same_trajectory(two_parts: Path, tmp_path: Path) -> None:
-    common = ["--partition-dir", str(two_parts), "--dropout", "0.5", "--norm", "batch"]
+@pytest.mark.parametrize("mode", [[], PIPELINE_BNS], ids=["vanilla", "pipeline-bns"])
+def test_resume_continues_the_same_trajectory(
+    two_parts: Path, tmp_path: Path, mode: list[str]
+) -> None:
+    """With ``--pipeline`` the stale halo buffers and their averages travel in the shards."""
+    common = ["--partition-dir", str(two_parts), "--dropout", "0.5", "--norm", "batch", *mode]
     full = tmp_path / "full.jsonl"
     assert train(*common, "--epochs", "6", "--metrics-jsonl", str(full)).returncode == 0
     part = tmp_path / "part.jsonl"
