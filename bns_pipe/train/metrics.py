@@ -20,8 +20,9 @@ from bns_pipe import __version__
 def peak_memory_bytes(device: torch.device) -> int:
     """High-water mark: ``max_memory_allocated`` on CUDA, the process's peak RSS on CPU.
 
-    The RSS peak is ``VmHWM`` of /proc/self/status, which starts afresh at ``exec``;
-    ``ru_maxrss`` would carry over the RSS of the process that forked this one.
+    The RSS peak is ``VmHWM`` of /proc/self/status, which starts afresh at ``exec`` and at
+    :func:`reset_peak_memory`; ``ru_maxrss`` would carry over the RSS of the process that
+    forked this one.
     """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -32,10 +33,25 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB, not Linux-exact
 
 
-def current_rss_bytes() -> int:
-    """The resident set size now (CPU), from /proc."""
+def memory_now_bytes(device: torch.device) -> int:
+    """Memory in use now: ``memory_allocated`` on CUDA, the resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the high-water mark from the memory in use now (after start-up), so the peak
+    measures training; on CPU by writing 5 to /proc/self/clear_refs (Linux), where allowed."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the peak then includes start-up
 
 
 def git_commit() -> str | None:

@@ -31,7 +31,13 @@ from bns_pipe.sampling import BoundarySampler, EpochSample
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
 from bns_pipe.train.distributed import DistContext
-from bns_pipe.train.metrics import MetricsWriter, median_epochs_per_s, peak_memory_bytes
+from bns_pipe.train.metrics import (
+    MetricsWriter,
+    median_epochs_per_s,
+    memory_now_bytes,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from bns_pipe.train.views import SPLITS, build_view, training_subgraph
 
 # Per-epoch times in the metrics, each the max over ranks (see the README's metrics contract).
@@ -112,6 +118,10 @@ class Trainer:
         self._samples: dict[int, EpochSample] = {}
         self.startup_comm_bytes = int(self._sum(torch.tensor([float(self.bytes.total())])))
         self.bytes.reset()
+        startup_mem = torch.zeros(ctx.world_size, dtype=torch.float64)
+        startup_mem[ctx.rank] = memory_now_bytes(ctx.device)
+        self.startup_mem = [int(v) for v in self._sum(startup_mem)]
+        reset_peak_memory(ctx.device)
         self.state = {
             "epoch": 0,
             "best_val": -1.0,
@@ -250,6 +260,7 @@ class Trainer:
             "startup_comm_bytes": self.startup_comm_bytes,
             "comm_bytes_per_epoch": statistics.median(self.state["epoch_bytes"] or [0]),
             "peak_mem_bytes": self.state["peak_mem"],
+            "startup_mem_bytes_per_rank": self.startup_mem,
         }
         writer.write(final)
         writer.close()

@@ -1,0 +1,203 @@
+"""The training modes side by side: vanilla, BNS at several rates, the pipeline, both.
+
+Each configuration is one ``bns-pipe train`` launch on a cached partition; warm-up epochs
+are excluded and medians taken over the rest. Reported per run: epoch time and its breakdown
+(compute, exposed communication ``comm_s``, hidden communication ``comm_hidden_s``, gradient
+all-reduce, sampling), halo bytes per epoch, peak memory per rank during training and its
+growth over the memory in use after start-up, and the test accuracy at the end.
+
+Suites:
+
+- ``bns`` (issue 4): 2 and 4 ranks x METIS and random partitions x the synthetic 100k and 1M
+  graphs and Coauthor Physics x p in {1, 0.1, 0.01, 0};
+- ``pipeline`` (issue 5): vanilla, pipeline, BNS p = 0.1, pipeline + BNS p = 0.1 on 2 ranks x 1
+  thread and on 4 ranks, for the BNS suite's 100k configurations plus a communication-heavy
+  one (random partition, hidden 256); more epochs, so the accuracy means something.
+
+    python benchmarks/modes.py --suite bns [--graphs synthetic-100k ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import describe, finish  # noqa: E402
+from benchmarks.machine import summary as machine_summary  # noqa: E402
+from bns_pipe.paths import cache_dir, data_root  # noqa: E402
+
+SYNTHETIC = ["--num-features", "128", "--num-classes", "8"]
+TIMES = ("epoch_time_s", "compute_s", "comm_s", "comm_hidden_s", "reduce_s", "sample_s")
+# name → (dataset flags, extra training flags, epochs timed, warm-up epochs)
+GRAPHS = {
+    "synthetic-100k": (["--dataset", "synthetic", "--num-nodes", "100000", *SYNTHETIC], [], 4, 2),
+    "synthetic-1m": (["--dataset", "synthetic", "--num-nodes", "1000000", *SYNTHETIC], [], 2, 1),
+    "coauthor-physics": (["--dataset", "coauthor-physics"], ["--use-pp"], 4, 2),
+}
+BNS_RATES = ("1", "0.1", "0.01", "0")
+PIPELINE_MODES = {
+    "vanilla": [],
+    "pipeline": ["--pipeline"],
+    "bns-0.1": ["--sampling-rate", "0.1"],
+    "pipeline+bns-0.1": ["--pipeline", "--sampling-rate", "0.1"],
+}
+MODEL = ["--layers", "3", "--hidden", "128", "--dropout", "0.5"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def partition_dir(graph: str, world: int, method: str) -> Path:
+    """Partition ``graph`` once (cached across runs of this script)."""
+    out = cache_dir("bench-partitions") / f"{graph}-{world}-{method}"
+    if not (out / "manifest.json").exists():
+        log(f"partitioning {graph} into {world} ({method}) ...")
+        command = [sys.executable, "-m", "bns_pipe", "partition", *GRAPHS[graph][0]]
+        command += ["--parts", str(world), "--method", method, "--out", str(out), "--overwrite"]
+        command += ["--root", str(data_root())]
+        subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    return out
+
+
+def run(part_dir: Path, flags: list[str], epochs: int, warmup: int, tmp: Path) -> dict:
+    """One training launch; medians over the epochs after ``warmup``."""
+    metrics = tmp / "metrics.jsonl"
+    command = [sys.executable, "-m", "bns_pipe", "train", "--partition-dir", str(part_dir)]
+    command += [*MODEL, *flags, "--epochs", str(epochs + warmup), "--eval-every", "0"]
+    command += ["--no-progress", "--metrics-jsonl", str(metrics)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    epoch_rows = [r for r in rows if "epoch" in r]
+    steady, final = epoch_rows[warmup:], rows[-1]
+    peak = epoch_rows[-1]["peak_mem_bytes_per_rank"]
+    startup = final["startup_mem_bytes_per_rank"]
+    return {
+        **{k: statistics.median(r[k] for r in steady) for k in TIMES},
+        "min_epoch_s": min(r["epoch_time_s"] for r in steady),
+        "max_epoch_s": max(r["epoch_time_s"] for r in steady),
+        "comm_bytes": statistics.median(r["comm_bytes"] for r in steady),
+        "peak_mem_bytes_per_rank": peak,
+        "startup_mem_bytes_per_rank": startup,
+        "mem_growth_bytes": max(p - s for p, s in zip(peak, startup, strict=True)),
+        "test_acc": final["test_acc"],
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def bns_configs(graphs: list[str]) -> list[dict]:
+    return [
+        {"graph": g, "world": w, "partition": m, "mode": f"p={p}", "flags": ["--sampling-rate", p]}
+        for g in graphs
+        for w in (2, 4)
+        for m in ("metis", "random")
+        for p in BNS_RATES
+    ]
+
+
+def pipeline_configs(graphs: list[str]) -> list[dict]:
+    setups = [(g, w, m, []) for g in graphs for w in (2, 4) for m in ("metis", "random")]
+    setups += [(graphs[0], w, "random", ["--hidden", "256"]) for w in (2, 4)]  # comm-heavy
+    return [
+        {
+            "graph": g,
+            "world": w,
+            "partition": m,
+            "mode": name + (" hidden 256" if extra else ""),
+            "flags": [*flags, *extra, "--threads-per-rank", "1"],
+        }
+        for g, w, m, extra in setups
+        for name, flags in PIPELINE_MODES.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=("bns", "pipeline"), required=True)
+    parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS))
+    parser.add_argument("--epochs", type=int, help="timed epochs (default: per graph)")
+    parser.add_argument("--quick", action="store_true", help="synthetic 100k, 2 timed epochs")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/<suite>.json")
+    args = parser.parse_args()
+    if args.suite == "bns":
+        graphs = args.graphs or list(GRAPHS)
+    else:
+        graphs = args.graphs or ["synthetic-100k"]
+    if args.quick:
+        graphs, args.epochs = ["synthetic-100k"], 2
+    out = args.out or ROOT / "benchmarks" / "results" / f"{args.suite}.json"
+    configs = (bns_configs if args.suite == "bns" else pipeline_configs)(graphs)
+    machine = describe()
+    results = []
+    tmp = cache_dir("bench-runs")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i, config in enumerate(configs):
+        _, extra, epochs, warmup = GRAPHS[config["graph"]]
+        if args.suite == "pipeline":
+            epochs = 30  # enough training for the accuracy column
+        epochs = args.epochs or epochs
+        part = partition_dir(config["graph"], config["world"], config["partition"])
+        label = f"{config['graph']} K={config['world']} {config['partition']} {config['mode']}"
+        log(f"[{i + 1}/{len(configs)}] {label}")
+        result = run(part, [*extra, *config["flags"]], epochs, warmup, tmp)
+        results.append({**config, "epochs": epochs, "warmup": warmup, **result})
+        log(
+            f"    {result['epoch_time_s']:.3f} s/epoch, comm {result['comm_s']:.3f} s "
+            f"(hidden {result['comm_hidden_s']:.3f}), {result['comm_bytes'] / 2**20:.1f} MiB, "
+            f"growth {result['mem_growth_bytes'] / 2**20:.0f} MiB"
+        )
+        write(out, args.suite, finish(machine), results)  # keep partial results
+
+
+def write(out: Path, suite: str, machine: dict, results: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "suite": suite, "runs": results}, indent=1))
+    out.with_suffix(".md").write_text(markdown(machine, suite, results))
+
+
+def markdown(machine: dict, suite: str, results: list[dict]) -> str:
+    lines = [
+        f"# Training modes: {suite} suite",
+        "",
+        machine_summary(machine),
+        "",
+        "Times in seconds per epoch (median after warm-up); comm = exposed (blocked) halo "
+        "time, hidden = halo transfer time overlapped with computation; bytes = halo bytes "
+        "sent per epoch by all ranks; growth = peak memory during training minus memory after "
+        "start-up (max over ranks).",
+        "",
+        "| graph | K | partition | mode | epoch s | compute | comm | hidden | reduce | sample "
+        "| MiB/epoch | bytes vs p=1 | peak MiB/rank | growth MiB | test acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["graph"], r["world"], r["partition"])
+        if r["mode"] in ("p=1", "vanilla"):
+            base[key] = r
+        ref = base.get(key)
+        ratio = f"{r['comm_bytes'] / ref['comm_bytes']:.3f}" if ref and ref["comm_bytes"] else ""
+        lines.append(
+            f"| {r['graph']} | {r['world']} | {r['partition']} | {r['mode']} "
+            f"| {r['epoch_time_s']:.3f} | {r['compute_s']:.3f} | {r['comm_s']:.3f} "
+            f"| {r['comm_hidden_s']:.3f} | {r['reduce_s']:.3f} | {r['sample_s']:.4f} "
+            f"| {r['comm_bytes'] / 2**20:.1f} | {ratio} "
+            f"| {max(r['peak_mem_bytes_per_rank']) / 2**20:.0f} "
+            f"| {r['mem_growth_bytes'] / 2**20:.0f} | {r['test_acc']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
