@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export BNS_PIPE_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: .install.stamp
 
@@ -25,6 +25,9 @@ install: .install.stamp
 
 demo: install
 	$(PYTHON) -m bns_pipe demo
+
+bench: install
+	$(PYTHON) -m bns_pipe bench --quick --out benchmarks/results/bench
 
 lint: install
 	$(PYTHON) -m ruff check .

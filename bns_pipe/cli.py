@@ -175,6 +175,20 @@ def _run_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return status
 
 
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from bns_pipe.bench.suite import add_bench_arguments
+
+    add_bench_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bns_pipe.bench.suite import bench, settings_from_args
+
+    bench(settings_from_args(args), args.out)
+    print(f"results: {args.out / 'results.md'} (json, PNG plots beside it)")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
 COMMANDS: tuple[Command, ...] = (
     ("partition", _partition_arguments, _run_partition),
@@ -182,6 +196,7 @@ COMMANDS: tuple[Command, ...] = (
     ("train", _train_arguments, _run_train),
     ("eval", _eval_arguments, _run_eval),
     ("demo", _demo_arguments, _run_demo),
+    ("bench", _bench_arguments, _run_bench),
 )
 _HELP = {
     "partition": "partition a dataset once into K per-rank subgraphs",
@@ -189,6 +204,7 @@ _HELP = {
     "train": "train a GNN on a partition with torchrun workers (or launch them locally)",
     "eval": "evaluate a checkpoint on a partition, on any number of ranks",
     "demo": "run the main job on the built-in synthetic graph",
+    "bench": "time every training method (PyG, ours, BNS, pipeline) side by side; plots",
 }
 
 

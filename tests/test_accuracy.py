@@ -23,7 +23,8 @@ BASE = TrainConfig(layers=2, hidden=16, dropout=0.0, lr=0.01, epochs=45, eval_ev
 METHODS = {
     "bns": {"sampling_rate": 0.1},
     "pipeline": {"pipeline": True},
-    "pipeline+bns": {"pipeline": True, "sampling_rate": 0.1},
+    # renorm: with stale rows the unbiased 1/p scaling had one seed in three 6 points low
+    "pipeline+bns": {"pipeline": True, "sampling_rate": 0.1, "bns_norm": "renorm"},
 }
 
 

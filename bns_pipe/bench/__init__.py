@@ -1,0 +1,1 @@
+"""Benchmarks users decide by: ``bns-pipe bench`` (speed, memory, bytes) and its report."""

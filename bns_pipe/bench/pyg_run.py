@@ -1,0 +1,116 @@
+"""One single-process PyTorch Geometric training run, timed like ours (a bench baseline).
+
+The same model as ``bns-pipe train`` (GCN or SAGE layers, ReLU, dropout before every layer,
+Adam) from PyG's own layers, with the graph as ``edge_index`` or as a CSR ``adj_t`` (PyG's
+fastest CPU path). Run as ``python -m bns_pipe.bench.pyg_run --dataset NAME --form csr``; it
+prints one JSON object: per-epoch seconds, peak memory, validation curve and test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bns_pipe.data import add_dataset_arguments, dataset_spec_from_args, load_dataset_spec
+from bns_pipe.train.metrics import memory_now_bytes, peak_memory_bytes, reset_peak_memory
+
+FORMS = ("edge_index", "csr")
+
+
+class PygModel(nn.Module):
+    """``layers`` PyG convolutions (GCN normalisation cached, as a full-graph user would)."""
+
+    def __init__(self, conv: str, dims: list[int], dropout: float) -> None:
+        super().__init__()
+        import torch_geometric.nn as pyg
+
+        def make(a: int, b: int) -> nn.Module:
+            return pyg.GCNConv(a, b, cached=True) if conv == "gcn" else pyg.SAGEConv(a, b)
+
+        self.convs = nn.ModuleList(make(a, b) for a, b in itertools.pairwise(dims))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, adj) -> torch.Tensor:
+        """x (N, in) → logits (N, out)."""
+        for i, conv in enumerate(self.convs):
+            x = conv(F.dropout(x, self.dropout, self.training), adj)
+            if i < len(self.convs) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def train(data, args: argparse.Namespace) -> dict:
+    """Train ``args.epochs`` epochs; evaluate every ``args.eval_every`` (0: at the end)."""
+    torch.manual_seed(args.seed)
+    dims = [data.x.size(1)] + [args.hidden] * (args.layers - 1) + [data.num_classes]
+    net = PygModel(args.model, dims, args.dropout)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    if args.form == "csr":
+        import torch_geometric.transforms as T
+
+        adj = T.ToSparseTensor(layout=torch.sparse_csr)(data.clone()).adj_t
+    else:
+        adj = data.edge_index
+    device = torch.device("cpu")
+    startup = memory_now_bytes(device)
+    reset_peak_memory(device)
+    times, curve, best = [], [], (-1.0, 0.0)
+    elapsed = 0.0
+    for epoch in range(args.epochs):
+        start = time.perf_counter()
+        net.train()
+        optimizer.zero_grad()
+        logits = net(data.x, adj)
+        F.cross_entropy(logits[data.train_mask], data.y[data.train_mask]).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+        elapsed += times[-1]
+        last = epoch + 1 == args.epochs
+        if (args.eval_every and (epoch + 1) % args.eval_every == 0) or last:
+            net.eval()
+            with torch.no_grad():
+                pred = net(data.x, adj).argmax(1)
+            acc = [
+                float((pred[m] == data.y[m]).float().mean())
+                for m in (data.val_mask, data.test_mask)
+            ]
+            curve.append({"epoch": epoch, "train_s": elapsed, "val_acc": acc[0]})
+            if acc[0] > best[0]:
+                best = (acc[0], acc[1])
+    return {
+        "epoch_times_s": times,
+        "peak_mem_bytes_per_rank": [peak_memory_bytes(device)],
+        "startup_mem_bytes_per_rank": [startup],
+        "curve": curve,
+        "best_val_acc": best[0],
+        "test_acc": best[1],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_dataset_arguments(parser)
+    parser.add_argument("--form", choices=FORMS, default="csr")
+    parser.add_argument("--model", choices=("gcn", "sage"), default="gcn")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    data = load_dataset_spec(dataset_spec_from_args(args), root=args.root)
+    if data.y.dim() > 1:
+        raise SystemExit("the PyG baseline supports single-label datasets only")
+    print(json.dumps(train(data, args)))
+
+
+if __name__ == "__main__":
+    main()
