@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export BNS_PIPE_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench accuracy clean
 
 install: .install.stamp
 
@@ -28,6 +28,9 @@ demo: install
 
 bench: install
 	$(PYTHON) -m bns_pipe bench --quick --out benchmarks/results/bench
+
+accuracy: install
+	$(PYTHON) -m bns_pipe accuracy --out benchmarks/results/accuracy
 
 lint: install
 	$(PYTHON) -m ruff check .

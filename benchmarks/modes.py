@@ -10,9 +10,10 @@ Suites:
 
 - ``bns`` (issue 4): 2 and 4 ranks x METIS and random partitions x the synthetic 100k and 1M
   graphs and Coauthor Physics x p in {1, 0.1, 0.01, 0};
-- ``pipeline`` (issue 5): vanilla, pipeline, BNS p = 0.1, pipeline + BNS p = 0.1 on 2 ranks x 1
-  thread and on 4 ranks, for the BNS suite's 100k configurations plus a communication-heavy
-  one (random partition, hidden 256); more epochs, so the accuracy means something.
+- ``pipeline`` (issue 5): vanilla, pipeline (without and with smoothing 0.95), BNS p = 0.1,
+  pipeline + BNS p = 0.1 on 2 ranks x 1 thread and on 4 ranks, for the BNS suite's 100k
+  configurations plus a communication-heavy one (random partition, hidden 256); more
+  epochs, so the accuracy means something.
 
     python benchmarks/modes.py --suite bns [--graphs synthetic-100k ...] [--quick]
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,7 @@ BNS_RATES = ("1", "0.1", "0.01", "0")
 PIPELINE_MODES = {
     "vanilla": [],
     "pipeline": ["--pipeline"],
+    "pipeline smooth-0.95": ["--pipeline", "--feat-smooth", "0.95", "--grad-smooth", "0.95"],
     "bns-0.1": ["--sampling-rate", "0.1"],
     "pipeline+bns-0.1": ["--pipeline", "--sampling-rate", "0.1"],
 }
@@ -96,18 +99,18 @@ def run(part_dir: Path, flags: list[str], epochs: int, warmup: int, tmp: Path) -
     }
 
 
-def bns_configs(graphs: list[str]) -> list[dict]:
+def bns_configs(graphs: list[str], partitions: list[str]) -> list[dict]:
     return [
         {"graph": g, "world": w, "partition": m, "mode": f"p={p}", "flags": ["--sampling-rate", p]}
         for g in graphs
         for w in (2, 4)
-        for m in ("metis", "random")
+        for m in partitions
         for p in BNS_RATES
     ]
 
 
-def pipeline_configs(graphs: list[str]) -> list[dict]:
-    setups = [(g, w, m, []) for g in graphs for w in (2, 4) for m in ("metis", "random")]
+def pipeline_configs(graphs: list[str], partitions: list[str]) -> list[dict]:
+    setups = [(g, w, m, []) for g in graphs for w in (2, 4) for m in partitions]
     setups += [(graphs[0], w, "random", ["--hidden", "256"]) for w in (2, 4)]  # comm-heavy
     return [
         {
@@ -127,6 +130,9 @@ def main() -> None:
     parser.add_argument("--suite", choices=("bns", "pipeline"), required=True)
     parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS))
     parser.add_argument("--epochs", type=int, help="timed epochs (default: per graph)")
+    parser.add_argument(
+        "--partitions", nargs="+", choices=("metis", "random"), default=["metis", "random"]
+    )
     parser.add_argument("--quick", action="store_true", help="synthetic 100k, 2 timed epochs")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/<suite>.json")
     args = parser.parse_args()
@@ -137,9 +143,12 @@ def main() -> None:
     if args.quick:
         graphs, args.epochs = ["synthetic-100k"], 2
     out = args.out or ROOT / "benchmarks" / "results" / f"{args.suite}.json"
-    configs = (bns_configs if args.suite == "bns" else pipeline_configs)(graphs)
+    configs = (bns_configs if args.suite == "bns" else pipeline_configs)(graphs, args.partitions)
     machine = describe()
+    # Runs of other graphs from an earlier invocation stay (each run records its load).
     results = []
+    if out.exists():
+        results = [r for r in json.loads(out.read_text())["runs"] if r["graph"] not in graphs]
     tmp = cache_dir("bench-runs")
     tmp.mkdir(parents=True, exist_ok=True)
     for i, config in enumerate(configs):
@@ -150,8 +159,9 @@ def main() -> None:
         part = partition_dir(config["graph"], config["world"], config["partition"])
         label = f"{config['graph']} K={config['world']} {config['partition']} {config['mode']}"
         log(f"[{i + 1}/{len(configs)}] {label}")
+        load = os.getloadavg()[0]
         result = run(part, [*extra, *config["flags"]], epochs, warmup, tmp)
-        results.append({**config, "epochs": epochs, "warmup": warmup, **result})
+        results.append({**config, "epochs": epochs, "warmup": warmup, "load_1min": load, **result})
         log(
             f"    {result['epoch_time_s']:.3f} s/epoch, comm {result['comm_s']:.3f} s "
             f"(hidden {result['comm_hidden_s']:.3f}), {result['comm_bytes'] / 2**20:.1f} MiB, "

@@ -189,6 +189,20 @@ def _run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _accuracy_arguments(parser: argparse.ArgumentParser) -> None:
+    from bns_pipe.bench.accuracy import add_accuracy_arguments
+
+    add_accuracy_arguments(parser)
+
+
+def _run_accuracy(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bns_pipe.bench.accuracy import accuracy, study_from_args
+
+    accuracy(study_from_args(args))
+    print(f"results: {args.out / 'accuracy.md'} (json and accuracy_curves.png beside it)")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
 COMMANDS: tuple[Command, ...] = (
     ("partition", _partition_arguments, _run_partition),
@@ -197,6 +211,7 @@ COMMANDS: tuple[Command, ...] = (
     ("eval", _eval_arguments, _run_eval),
     ("demo", _demo_arguments, _run_demo),
     ("bench", _bench_arguments, _run_bench),
+    ("accuracy", _accuracy_arguments, _run_accuracy),
 )
 _HELP = {
     "partition": "partition a dataset once into K per-rank subgraphs",
@@ -205,6 +220,7 @@ _HELP = {
     "eval": "evaluate a checkpoint on a partition, on any number of ranks",
     "demo": "run the main job on the built-in synthetic graph",
     "bench": "time every training method (PyG, ours, BNS, pipeline) side by side; plots",
+    "accuracy": "paired-seed accuracy of every method against single-process (resumable)",
 }
 
 

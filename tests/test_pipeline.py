@@ -188,3 +188,12 @@ def test_smoother_is_a_bias_corrected_moving_average() -> None:
     assert Smoother(0.0, 3)(first, keep_all) is first
     with pytest.raises(ValueError, match="smoothing factor"):
         Smoother(1.0, 3)
+
+
+def test_one_rank_pipeline_is_exact_single_process(tmp_path: Path) -> None:
+    """On one rank nothing travels, so ``--pipeline`` (and its smoothing) change nothing."""
+    from tests.test_gold import check_against_reference, gold_dataset, run_world
+
+    options = {"model": "gcn", "pipeline": True, "feat_smooth": 0.9, "grad_smooth": 0.9}
+    results = run_world(1, [("synthetic", options)], tmp_path)
+    check_against_reference(gold_dataset("synthetic"), results["synthetic/0"], **options)

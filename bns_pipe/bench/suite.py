@@ -160,13 +160,13 @@ def _summarise(record: dict, warmup: int) -> dict:
 
 
 def _run(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, env=_env())
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env())
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return done.stdout
 
 
-def _env() -> dict:
+def child_env() -> dict:
     """The child environment: this package importable even when run from a checkout."""
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")

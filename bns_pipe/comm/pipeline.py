@@ -47,11 +47,16 @@ class Smoother:
         if self.avg is None:
             self.avg = rows.new_zeros((self.size, *rows.shape[1:]))
             self.count = torch.zeros(self.size, dtype=torch.int64, device=rows.device)
-        index = keep.nonzero().squeeze(1)
-        avg = self.avg[index].mul_(self.gamma).add_(rows, alpha=1.0 - self.gamma)
-        self.avg[index] = avg
-        self.count[index] += 1
-        correction = 1.0 - torch.pow(self.gamma, self.count[index].to(rows.dtype))
+        if rows.size(0) == self.size:  # every row received (no sampling): update in place
+            avg, count = self.avg.mul_(self.gamma).add_(rows, alpha=1.0 - self.gamma), self.count
+            count += 1
+        else:
+            index = keep.nonzero().squeeze(1)
+            avg = self.avg[index].mul_(self.gamma).add_(rows, alpha=1.0 - self.gamma)
+            self.avg[index] = avg
+            self.count[index] += 1
+            count = self.count[index]
+        correction = 1.0 - torch.pow(self.gamma, count.to(rows.dtype))
         return avg / correction.unsqueeze(1)
 
     def state(self) -> dict[str, Tensor]:

@@ -1,0 +1,25 @@
+"""``bns-pipe accuracy`` smoke test: paired runs, a well-formed report, and resume by skipping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bns_pipe.bench.accuracy import Study, accuracy
+
+
+def test_study_reports_and_resumes(tmp_path: Path) -> None:
+    study = Study(["synthetic"], ["single", "bns-0.1"], [0, 1], tmp_path, epochs=2)
+    result = accuracy(study, progress=False)
+    rows = result["table"]["synthetic"]
+    assert set(rows) == {"single", "bns-0.1"} and rows["single"]["paired_diff"] == 0.0
+    assert 0 < rows["bns-0.1"]["mean"] <= 100 and "target_met" in rows["bns-0.1"]
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "| synthetic | – |" in table and "Δ" in table
+    assert (tmp_path / "accuracy_curves.png").read_bytes()[:4] == b"\x89PNG"
+    runs = sorted((tmp_path / "runs").rglob("*.jsonl"))
+    assert len(runs) == 4
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    again = accuracy(study, progress=False)  # every run is finished: nothing is redone
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+    assert json.loads((tmp_path / "accuracy.json").read_text())["table"] == again["table"]
