@@ -125,6 +125,10 @@ def pipeline_configs(graphs: list[str], partitions: list[str]) -> list[dict]:
     ]
 
 
+def _key(run: dict) -> tuple:
+    return run["graph"], run["world"], run["partition"], run["mode"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=("bns", "pipeline"), required=True)
@@ -145,10 +149,11 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"{args.suite}.json"
     configs = (bns_configs if args.suite == "bns" else pipeline_configs)(graphs, args.partitions)
     machine = describe()
-    # Runs of other graphs from an earlier invocation stay (each run records its load).
+    # Runs of other configurations from an earlier invocation stay (each records its load).
     results = []
     if out.exists():
-        results = [r for r in json.loads(out.read_text())["runs"] if r["graph"] not in graphs]
+        redone = {_key(c) for c in configs}
+        results = [r for r in json.loads(out.read_text())["runs"] if _key(r) not in redone]
     tmp = cache_dir("bench-runs")
     tmp.mkdir(parents=True, exist_ok=True)
     for i, config in enumerate(configs):
