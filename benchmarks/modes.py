@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe, finish  # noqa: E402
 from benchmarks.machine import summary as machine_summary  # noqa: E402
+from bns_pipe.bench.suite import read_run, run_checked, summarise  # noqa: E402
 from bns_pipe.paths import cache_dir, data_root  # noqa: E402
 
 SYNTHETIC = ["--num-features", "128", "--num-classes", "8"]
-TIMES = ("epoch_time_s", "compute_s", "comm_s", "comm_hidden_s", "reduce_s", "sample_s")
 # name → (dataset flags, extra training flags, epochs timed, warm-up epochs)
 GRAPHS = {
     "synthetic-100k": (["--dataset", "synthetic", "--num-nodes", "100000", *SYNTHETIC], [], 4, 2),
@@ -67,7 +65,7 @@ def partition_dir(graph: str, world: int, method: str) -> Path:
         command = [sys.executable, "-m", "bns_pipe", "partition", *GRAPHS[graph][0]]
         command += ["--parts", str(world), "--method", method, "--out", str(out), "--overwrite"]
         command += ["--root", str(data_root())]
-        subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+        run_checked(command)
     return out
 
 
@@ -78,25 +76,8 @@ def run(part_dir: Path, flags: list[str], epochs: int, warmup: int, tmp: Path) -
     command += [*MODEL, *flags, "--epochs", str(epochs + warmup), "--eval-every", "0"]
     command += ["--no-progress", "--metrics-jsonl", str(metrics)]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    epoch_rows = [r for r in rows if "epoch" in r]
-    steady, final = epoch_rows[warmup:], rows[-1]
-    peak = epoch_rows[-1]["peak_mem_bytes_per_rank"]
-    startup = final["startup_mem_bytes_per_rank"]
-    return {
-        **{k: statistics.median(r[k] for r in steady) for k in TIMES},
-        "min_epoch_s": min(r["epoch_time_s"] for r in steady),
-        "max_epoch_s": max(r["epoch_time_s"] for r in steady),
-        "comm_bytes": statistics.median(r["comm_bytes"] for r in steady),
-        "peak_mem_bytes_per_rank": peak,
-        "startup_mem_bytes_per_rank": startup,
-        "mem_growth_bytes": max(p - s for p, s in zip(peak, startup, strict=True)),
-        "test_acc": final["test_acc"],
-        "wall_s": time.perf_counter() - start,
-    }
+    run_checked(command)
+    return {**summarise(read_run(metrics), warmup), "wall_s": time.perf_counter() - start}
 
 
 def bns_configs(graphs: list[str], partitions: list[str]) -> list[dict]:

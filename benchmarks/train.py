@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,15 +25,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch_geometric.nn as pyg
 import torch_geometric.transforms as T
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe, finish  # noqa: E402
 from benchmarks.machine import summary as machine_summary  # noqa: E402
+from bns_pipe.bench.pyg_run import PygModel  # noqa: E402
+from bns_pipe.bench.suite import read_run, run_checked, summarise  # noqa: E402
 from bns_pipe.data import load_dataset  # noqa: E402
 from bns_pipe.graph import LocalGraph  # noqa: E402
 from bns_pipe.partition import load_partition, partition  # noqa: E402
@@ -130,27 +129,10 @@ def floor_epoch_s(n: int, in_dim: int, classes: int, model: str, adj: CSR) -> di
 # -- single process: ours and PyG ----------------------------------------------------------
 
 
-class PygModel(nn.Module):
-    """The same model from PyG layers (GCN normalisation cached, as a full-graph user would)."""
-
-    def __init__(self, model: str, in_dim: int, classes: int) -> None:
-        super().__init__()
-        dims = [in_dim] + [HIDDEN] * (LAYERS - 1) + [classes]
-        make = (lambda a, b: pyg.GCNConv(a, b, cached=True)) if model == "gcn" else pyg.SAGEConv
-        self.convs = nn.ModuleList(make(a, b) for a, b in itertools.pairwise(dims))
-
-    def forward(self, x: torch.Tensor, adj) -> torch.Tensor:
-        for i, conv in enumerate(self.convs):
-            x = F.dropout(x, DROPOUT, self.training)
-            x = conv(x, adj)
-            if i < len(self.convs) - 1:
-                x = torch.relu(x)
-        return x
-
-
 def pyg_epochs(data, model: str, form: str, epochs: int, warmup: int) -> list[float]:
     torch.manual_seed(0)
-    net = PygModel(model, data.x.size(1), data.num_classes)
+    dims = [data.x.size(1)] + [HIDDEN] * (LAYERS - 1) + [data.num_classes]
+    net = PygModel(model, dims, DROPOUT)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
     if form == "csr":
         adj = T.ToSparseTensor(layout=torch.sparse_csr)(data.clone()).adj_t
@@ -214,19 +196,8 @@ def ranks_run(part_dir: str, model: str, epochs: int, tmp: Path) -> dict:
         "--metrics-jsonl",
         str(metrics),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"bns-pipe train failed:\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    epochs_rows = [r for r in rows if "epoch" in r][3:]  # skip warm-up epochs
-    keys = ("epoch_time_s", "compute_s", "comm_s", "reduce_s")
-    return {
-        **{k: statistics.median(r[k] for r in epochs_rows) for k in keys},
-        "min_epoch_s": min(r["epoch_time_s"] for r in epochs_rows),
-        "max_epoch_s": max(r["epoch_time_s"] for r in epochs_rows),
-        "comm_bytes": statistics.median(r["comm_bytes"] for r in epochs_rows),
-        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in epochs_rows),
-    }
+    run_checked(command)
+    return summarise(read_run(metrics), warmup=3)
 
 
 def main() -> None:

@@ -226,14 +226,15 @@ def full_sample(
 ) -> EpochSample:
     """The plan that keeps every boundary node (p = 1, and evaluation)."""
     send_index = torch.cat(list(send_ids))
+    recv_splits = [int(c) for c in halo_counts]
     device = send_index.device
     return EpochSample(
         epoch,
         send_index,
         [int(ids.numel()) for ids in send_ids],
         torch.ones(send_index.numel(), dtype=torch.bool, device=device),
-        [int(c) for c in halo_counts],
-        torch.ones(int(sum(int(c) for c in halo_counts)), dtype=torch.bool, device=device),
+        recv_splits,
+        torch.ones(sum(recv_splits), dtype=torch.bool, device=device),
     )
 
 

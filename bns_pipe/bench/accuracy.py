@@ -13,12 +13,12 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bns_pipe.bench.suite import child_env
+from bns_pipe.bench import suite
+from bns_pipe.bench.suite import run_checked
 from bns_pipe.errors import ConfigError
 
 # Published GCN test accuracy (percent) and how far below it single-process may land:
@@ -41,12 +41,13 @@ MODELS = {
     "amazon-computers": ["--hidden", "64", "--dropout", "0.5", "--epochs", "200"],
     "synthetic": ["--hidden", "64", "--dropout", "0.5", "--epochs", "100"],
 }
+# name → (ranks, flags): single-process, then 4 ranks of the bench's distributed methods
 METHODS = {
-    "single": (1, []),
-    "vanilla": (4, []),
-    "bns-0.1": (4, ["--sampling-rate", "0.1"]),
-    "pipeline": (4, ["--pipeline"]),
-    "pipeline+bns-0.1": (4, ["--pipeline", "--sampling-rate", "0.1"]),
+    "single": (1, ()),
+    **{
+        name: (4, suite.METHODS[name].flags)
+        for name in ("vanilla", "bns-0.1", "pipeline", "pipeline+bns-0.1")
+    },
 }
 
 
@@ -81,9 +82,7 @@ def run_one(study: Study, dataset: str, method: str, seed: int) -> dict:
         if study.epochs:
             command += ["--epochs", str(study.epochs)]
         command += ["--no-progress", "--metrics-jsonl", str(path)]
-        done = subprocess.run(command, capture_output=True, text=True, env=child_env())
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        run_checked(command)
         records = _read(path)
     curve = [r["val_acc"] for r in records if "val_acc" in r and "epoch" in r]
     return {"test_acc": records[-1]["test_acc"], "val_curve": curve}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bns_pipe import __version__
 from bns_pipe.errors import ConfigError
-from bns_pipe.train.metrics import git_commit
+from bns_pipe.train.metrics import TIMES, git_commit
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,10 @@ def runs(settings: Settings) -> list[tuple[str, Method, int]]:
     for graph in settings.graphs:
         for name in settings.methods:
             method = METHODS[name]
-            worlds = [w for w in settings.worlds if w > 1] if method.distributed else [1]
-            cells += [
-                (graph, method, w) for w in worlds if method.distributed or 1 in settings.worlds
-            ]
+            if method.distributed:
+                cells += [(graph, method, w) for w in settings.worlds if w > 1]
+            elif 1 in settings.worlds:
+                cells.append((graph, method, 1))
     return cells
 
 
@@ -112,17 +112,23 @@ def launch(graph: str, method: Method, world: int, settings: Settings, seed: int
     common = [*data_flags, *model, "--epochs", str(epochs), "--eval-every", str(eval_every)]
     if method.form is not None:
         command = [sys.executable, "-m", "bns_pipe.bench.pyg_run", *common, "--form", method.form]
-        record = json.loads(_run(command).strip().splitlines()[-1])
+        record = json.loads(run_checked(command).strip().splitlines()[-1])
         times = record.pop("epoch_times_s")
         record.update(epoch_time_s=times, compute_s=times)
-        return _summarise(record, settings.warmup)
+        return summarise(record, settings.warmup)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "metrics.jsonl"
         command = [sys.executable, "-m", "bns_pipe", "train", *common, *method.flags]
         command += ["--parts", str(world), "--method", settings.partition, "--no-progress"]
         command += ["--metrics-jsonl", str(metrics)]
-        _run(command)
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        run_checked(command)
+        return summarise(read_run(metrics), settings.warmup)
+
+
+def read_run(metrics: Path) -> dict:
+    """A ``bns-pipe train`` metrics file as per-epoch lists (times, bytes), the validation
+    curve against cumulative training time, and the final values."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     epochs_rows, final = [r for r in rows if "epoch" in r], rows[-1]
     record = {k: [r[k] for r in epochs_rows] for k in (*TIMES, "comm_bytes")}
     elapsed, curve = 0.0, []
@@ -137,20 +143,22 @@ def launch(graph: str, method: Method, world: int, settings: Settings, seed: int
         peak_mem_bytes_per_rank=epochs_rows[-1]["peak_mem_bytes_per_rank"],
         startup_mem_bytes_per_rank=final["startup_mem_bytes_per_rank"],
     )
-    return _summarise(record, settings.warmup)
+    return record
 
 
-TIMES = ("epoch_time_s", "compute_s", "comm_s", "comm_hidden_s", "reduce_s", "sample_s")
-
-
-def _summarise(record: dict, warmup: int) -> dict:
-    """Per-run medians over the epochs after ``warmup``."""
+def summarise(record: dict, warmup: int) -> dict:
+    """Per-run medians over the epochs after ``warmup`` (and their min/max epoch time)."""
     summary = {
         k: statistics.median(record[k][warmup:]) for k in (*TIMES, "comm_bytes") if k in record
     }
+    steady = record["epoch_time_s"][warmup:]
     peak, startup = record["peak_mem_bytes_per_rank"], record["startup_mem_bytes_per_rank"]
     summary.update(
+        min_epoch_s=min(steady),
+        max_epoch_s=max(steady),
         peak_mem_bytes=max(peak),
+        peak_mem_bytes_per_rank=peak,
+        startup_mem_bytes_per_rank=startup,
         mem_growth_bytes=max(p - s for p, s in zip(peak, startup, strict=True)),
         best_val_acc=record["best_val_acc"],
         test_acc=record["test_acc"],
@@ -159,14 +167,15 @@ def _summarise(record: dict, warmup: int) -> dict:
     return summary
 
 
-def _run(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, env=child_env())
+def run_checked(command: list[str]) -> str:
+    """Run ``command`` with this package importable; its stdout, or an error with its stderr."""
+    done = subprocess.run(command, capture_output=True, text=True, env=_child_env())
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return done.stdout
 
 
-def child_env() -> dict:
+def _child_env() -> dict:
     """The child environment: this package importable even when run from a checkout."""
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")

@@ -16,6 +16,9 @@ import torch
 
 from bns_pipe import __version__
 
+# Per-epoch times in the metrics, each the max over ranks (see the README's metrics contract).
+TIMES = ("epoch_time_s", "compute_s", "comm_s", "comm_hidden_s", "reduce_s", "sample_s")
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """High-water mark: ``max_memory_allocated`` on CUDA, the process's peak RSS on CPU.

@@ -32,6 +32,7 @@ from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
 from bns_pipe.train.distributed import DistContext
 from bns_pipe.train.metrics import (
+    TIMES,
     MetricsWriter,
     median_epochs_per_s,
     memory_now_bytes,
@@ -39,9 +40,6 @@ from bns_pipe.train.metrics import (
     reset_peak_memory,
 )
 from bns_pipe.train.views import SPLITS, build_view, training_subgraph
-
-# Per-epoch times in the metrics, each the max over ranks (see the README's metrics contract).
-TIMES = ("epoch_time_s", "compute_s", "comm_s", "comm_hidden_s", "reduce_s", "sample_s")
 
 
 class TrainingError(BnsPipeError):
@@ -73,12 +71,11 @@ class Trainer:
             train_part = training_subgraph(part, self.eval_view.exchange)
             self.view = build_view(train_part, ctx, hooks, dtype)
         distributed = ctx.world_size > 1
-        self.sampling = config.sampling_rate < 1.0 and distributed
         self.pipeline = None
         if config.pipeline and distributed:
             self.pipeline = HaloPipeline(self.view.exchange, config.feat_smooth, config.grad_smooth)
         self.sampler = None
-        if self.sampling:
+        if config.sampling_rate < 1.0 and distributed:
             self.sampler = BoundarySampler(
                 config.seed,
                 ctx.rank,
@@ -156,12 +153,12 @@ class Trainer:
         before = (exchange.wait_s, exchange.hidden_s, graph.filter_s)
         start = time.perf_counter()
         sample = self._sample(epoch)
-        if self.sampling:
+        if self.sampler is not None:
             graph.use_sample(sample, self.sampler.scale, self.config.bns_norm)
         if self.pipeline is not None:
             self.pipeline.start_epoch(sample, self._sample(epoch + 1))
             graph.use_pipeline(self.pipeline)
-        sample_s = time.perf_counter() - start if self.sampling else 0.0
+        sample_s = time.perf_counter() - start if self.sampler is not None else 0.0
         try:
             self.optimizer.zero_grad(set_to_none=True)
             loss, logits = self.loss_and_logits(epoch)
