@@ -13,7 +13,11 @@ Suites:
 - ``pipeline`` (issue 5): vanilla, pipeline (without and with smoothing 0.95), BNS p = 0.1,
   pipeline + BNS p = 0.1 on 2 ranks x 1 thread and on 4 ranks, for the BNS suite's 100k
   configurations plus a communication-heavy one (random partition, hidden 256); more
-  epochs, so the accuracy means something.
+  epochs, so the accuracy means something;
+- ``convergence`` (issue 5): does the pipeline's staleness cost accuracy once training has
+  converged? The pipeline suite's modes (plus pipeline + BNS with smoothing) for 150 epochs on
+  the 100k graph's 4-rank partitions (where the 30-epoch gap was largest), validation accuracy
+  every 5 epochs, plotted against the epoch in ``convergence.png``.
 
     python benchmarks/modes.py --suite bns [--graphs synthetic-100k ...] [--quick]
 """
@@ -50,6 +54,14 @@ PIPELINE_MODES = {
     "bns-0.1": ["--sampling-rate", "0.1"],
     "pipeline+bns-0.1": ["--pipeline", "--sampling-rate", "0.1"],
 }
+CONVERGENCE_MODES = {
+    **PIPELINE_MODES,
+    "pipeline+bns-0.1 smooth-0.95": [
+        *PIPELINE_MODES["pipeline+bns-0.1"],
+        *PIPELINE_MODES["pipeline smooth-0.95"][1:],
+    ],
+}
+CONVERGENCE_EPOCHS, CONVERGENCE_EVAL_EVERY = 150, 5
 MODEL = ["--layers", "3", "--hidden", "128", "--dropout", "0.5"]
 
 
@@ -69,11 +81,14 @@ def partition_dir(graph: str, world: int, method: str) -> Path:
     return out
 
 
-def run(part_dir: Path, flags: list[str], epochs: int, warmup: int, tmp: Path) -> dict:
+def run(
+    part_dir: Path, flags: list[str], epochs: int, warmup: int, tmp: Path, eval_every: int = 0
+) -> dict:
     """One training launch; medians over the epochs after ``warmup``."""
     metrics = tmp / "metrics.jsonl"
     command = [sys.executable, "-m", "bns_pipe", "train", "--partition-dir", str(part_dir)]
-    command += [*MODEL, *flags, "--epochs", str(epochs + warmup), "--eval-every", "0"]
+    command += [*MODEL, *flags, "--epochs", str(epochs + warmup)]
+    command += ["--eval-every", str(eval_every)]
     command += ["--no-progress", "--metrics-jsonl", str(metrics)]
     start = time.perf_counter()
     run_checked(command)
@@ -106,13 +121,25 @@ def pipeline_configs(graphs: list[str], partitions: list[str]) -> list[dict]:
     ]
 
 
+def convergence_configs(graphs: list[str], partitions: list[str]) -> list[dict]:
+    return [
+        {"graph": g, "world": 4, "partition": m, "mode": name, "flags": flags}
+        for g in graphs
+        for m in partitions
+        for name, flags in CONVERGENCE_MODES.items()
+    ]
+
+
+CONFIGS = {"bns": bns_configs, "pipeline": pipeline_configs, "convergence": convergence_configs}
+
+
 def _key(run: dict) -> tuple:
     return run["graph"], run["world"], run["partition"], run["mode"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=("bns", "pipeline"), required=True)
+    parser.add_argument("--suite", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS))
     parser.add_argument("--epochs", type=int, help="timed epochs (default: per graph)")
     parser.add_argument(
@@ -128,7 +155,7 @@ def main() -> None:
     if args.quick:
         graphs, args.epochs = ["synthetic-100k"], 2
     out = args.out or ROOT / "benchmarks" / "results" / f"{args.suite}.json"
-    configs = (bns_configs if args.suite == "bns" else pipeline_configs)(graphs, args.partitions)
+    configs = CONFIGS[args.suite](graphs, args.partitions)
     machine = describe()
     # Runs of other configurations from an earlier invocation stay (each records its load).
     results = []
@@ -139,14 +166,15 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     for i, config in enumerate(configs):
         _, extra, epochs, warmup = GRAPHS[config["graph"]]
-        if args.suite == "pipeline":
-            epochs = 30  # enough training for the accuracy column
+        eval_every = CONVERGENCE_EVAL_EVERY if args.suite == "convergence" else 0
+        if args.suite != "bns":  # enough training for the accuracy column
+            epochs = CONVERGENCE_EPOCHS if args.suite == "convergence" else 30
         epochs = args.epochs or epochs
         part = partition_dir(config["graph"], config["world"], config["partition"])
         label = f"{config['graph']} K={config['world']} {config['partition']} {config['mode']}"
         log(f"[{i + 1}/{len(configs)}] {label}")
         load = os.getloadavg()[0]
-        result = run(part, [*extra, *config["flags"]], epochs, warmup, tmp)
+        result = run(part, [*extra, *config["flags"]], epochs, warmup, tmp, eval_every)
         results.append({**config, "epochs": epochs, "warmup": warmup, "load_1min": load, **result})
         log(
             f"    {result['epoch_time_s']:.3f} s/epoch, comm {result['comm_s']:.3f} s "
@@ -160,6 +188,33 @@ def write(out: Path, suite: str, machine: dict, results: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "suite": suite, "runs": results}, indent=1))
     out.with_suffix(".md").write_text(markdown(machine, suite, results))
+    if suite == "convergence":
+        plot_curves(out.with_suffix(".png"), results)
+
+
+def plot_curves(path: Path, results: list[dict]) -> None:
+    """Validation accuracy against the epoch, one panel per partition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["graph"], r["world"], r["partition"]) for r in results})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for r in results:
+            if (r["graph"], r["world"], r["partition"]) == panel and r["curve"]:
+                epochs = [point["epoch"] for point in r["curve"]]
+                ax.plot(epochs, [point["val_acc"] for point in r["curve"]], label=r["mode"])
+        ax.set_title("{} K={} {}".format(*panel))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy")
+        ax.set_ylim(bottom=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(machine: dict, suite: str, results: list[dict]) -> str:

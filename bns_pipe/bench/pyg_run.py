@@ -2,8 +2,9 @@
 
 The same model as ``bns-pipe train`` (GCN or SAGE layers, ReLU, dropout before every layer,
 Adam) from PyG's own layers, with the graph as ``edge_index`` or as a CSR ``adj_t`` (PyG's
-fastest CPU path). Run as ``python -m bns_pipe.bench.pyg_run --dataset NAME --form csr``; it
-prints one JSON object: per-epoch seconds, peak memory, validation curve and test accuracy.
+fastest CPU path), on the GPU when one is present (``--device auto``). Run as
+``python -m bns_pipe.bench.pyg_run --dataset NAME --form csr``; it prints one JSON object:
+per-epoch seconds, peak memory, validation curve and test accuracy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bns_pipe.data import add_dataset_arguments, dataset_spec_from_args, load_dataset_spec
+from bns_pipe.train.distributed import resolve_device
 from bns_pipe.train.metrics import memory_now_bytes, peak_memory_bytes, reset_peak_memory
 
 FORMS = ("edge_index", "csr")
@@ -48,8 +50,10 @@ class PygModel(nn.Module):
 def train(data, args: argparse.Namespace) -> dict:
     """Train ``args.epochs`` epochs; evaluate every ``args.eval_every`` (0: at the end)."""
     torch.manual_seed(args.seed)
+    device = resolve_device(args.device, local_rank=0)
     dims = [data.x.size(1)] + [args.hidden] * (args.layers - 1) + [data.num_classes]
-    net = PygModel(args.model, dims, args.dropout)
+    net = PygModel(args.model, dims, args.dropout).to(device)
+    data = data.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     if args.form == "csr":
         import torch_geometric.transforms as T
@@ -57,7 +61,6 @@ def train(data, args: argparse.Namespace) -> dict:
         adj = T.ToSparseTensor(layout=torch.sparse_csr)(data.clone()).adj_t
     else:
         adj = data.edge_index
-    device = torch.device("cpu")
     startup = memory_now_bytes(device)
     reset_peak_memory(device)
     times, curve, best = [], [], (-1.0, 0.0)
@@ -69,6 +72,8 @@ def train(data, args: argparse.Namespace) -> dict:
         logits = net(data.x, adj)
         F.cross_entropy(logits[data.train_mask], data.y[data.train_mask]).backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
         elapsed += times[-1]
         last = epoch + 1 == args.epochs
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
     data = load_dataset_spec(dataset_spec_from_args(args), root=args.root)
     if data.y.dim() > 1:

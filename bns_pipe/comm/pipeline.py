@@ -38,21 +38,27 @@ class Smoother:
         self.gamma, self.size = gamma, size
         self.avg: Tensor | None = None
         self.count: Tensor | None = None
+        self.uniform_count: int | None = 0  # the rows' common count while they share one
 
     def __call__(self, rows: Tensor, keep: Tensor) -> Tensor:
         """Update the rows at the True positions of ``keep`` (size,) with ``rows`` (m, F);
         return their corrected averages (m, F). γ = 0 returns ``rows`` itself."""
-        if self.gamma == 0.0:
+        if self.gamma == 0.0 or self.size == 0:
             return rows
         if self.avg is None:
             self.avg = rows.new_zeros((self.size, *rows.shape[1:]))
             self.count = torch.zeros(self.size, dtype=torch.int64, device=rows.device)
-        if rows.size(0) == self.size:  # every row received (no sampling): update in place
-            avg, count = self.avg.mul_(self.gamma).add_(rows, alpha=1.0 - self.gamma), self.count
-            count += 1
+        if rows.size(0) == self.size:  # every row received (no sampling): in place, one pass
+            self.avg.lerp_(rows, 1.0 - self.gamma)
+            self.count += 1
+            if self.uniform_count is not None:  # every row updated as often: one correction
+                self.uniform_count += 1
+                return self.avg / (1.0 - self.gamma**self.uniform_count)
+            avg, count = self.avg, self.count
         else:
+            self.uniform_count = None
             index = keep.nonzero().squeeze(1)
-            avg = self.avg[index].mul_(self.gamma).add_(rows, alpha=1.0 - self.gamma)
+            avg = self.avg[index].lerp_(rows, 1.0 - self.gamma)
             self.avg[index] = avg
             self.count[index] += 1
             count = self.count[index]
@@ -64,6 +70,10 @@ class Smoother:
 
     def load(self, state: dict[str, Tensor]) -> None:
         self.avg, self.count = state.get("avg"), state.get("count")
+        self.uniform_count = 0
+        if self.count is not None and self.size:
+            first = int(self.count[0])
+            self.uniform_count = first if bool((self.count == first).all()) else None
 
 
 @dataclass
