@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from torch_geometric.data import Data
+from typing import TYPE_CHECKING
 
 from bns_pipe.data.cli_args import (
     DATASETS,
@@ -27,8 +26,17 @@ from bns_pipe.data.validate import validate_data
 from bns_pipe.errors import DatasetError
 from bns_pipe.paths import data_root
 
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
+
+# Bumped whenever a loader's output changes, so caches of derived data (partitions) renew.
+LOADER_VERSION = 2
+# The named .npz datasets whose features PyG's own loader binarises (Coauthor: keyword counts).
+BINARY_FEATURES = ("coauthor-cs", "coauthor-physics")
+
 __all__ = [
     "DATASETS",
+    "LOADER_VERSION",
     "add_dataset_arguments",
     "dataset_options",
     "dataset_spec_from_args",
@@ -57,6 +65,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options) ->
         data = load_npz(Path(name[len(NPZ_PREFIX) :]).expanduser(), **options)
     elif name in NPZ_DATASETS:
         data = load_npz(data_root(root) / f"{name}.npz", **options)
+        if name in BINARY_FEATURES:  # the same x as torch_geometric.datasets.Coauthor
+            data.x = (data.x > 0).to(data.x.dtype)
     else:
         data = load_pyg(name, data_root(root))
     return validate_data(data, name)

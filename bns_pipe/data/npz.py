@@ -16,12 +16,16 @@ from __future__ import annotations
 import zipfile
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch_geometric.data import Data
 
+from bns_pipe.data.validate import new_data
 from bns_pipe.errors import DatasetError
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 # Shared datasets stored as ``<root>/<name>.npz``.
 NPZ_DATASETS = ("coauthor-cs", "coauthor-physics", "amazon-computers")
@@ -50,7 +54,7 @@ def load_npz(path: Path, split_index: int = 0, data_seed: int = 0) -> Data:
         masks = _stored_masks(arrays, n, split_index, path)
     else:
         masks = per_class_split(y, TRAIN_PER_CLASS, VAL_PER_CLASS, data_seed)
-    return Data(x=x, y=y, edge_index=torch.from_numpy(edge_index.astype(np.int64)), **masks)
+    return new_data(x=x, y=y, edge_index=torch.from_numpy(edge_index.astype(np.int64)), **masks)
 
 
 def per_class_split(y: torch.Tensor, num_train: int, num_val: int, seed: int) -> dict:

@@ -22,12 +22,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch_geometric.data import Data
 
+from bns_pipe.data.validate import new_data
 from bns_pipe.errors import DatasetError
 from bns_pipe.paths import cache_dir
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 TRUST_RAW_ENV = "BNS_PIPE_TRUST_RAW"
 
@@ -213,13 +217,13 @@ def _load_ogb(name: str, root: Path) -> Data:
     for key, part in (("train_mask", "train"), ("val_mask", "valid"), ("test_mask", "test")):
         masks[key] = torch.zeros(n, dtype=torch.bool)
         masks[key][split[part]] = True
-    data = Data(x=graph.x, y=y, edge_index=graph.edge_index, **masks)
+    data = new_data(x=graph.x, y=y, edge_index=graph.edge_index, **masks)
     data.num_classes = dataset.num_classes
     return data
 
 
 def _as_data(graph: Data, num_classes: int) -> Data:
-    data = Data(
+    data = new_data(
         x=graph.x,
         y=graph.y,
         edge_index=graph.edge_index,

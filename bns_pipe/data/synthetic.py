@@ -20,12 +20,16 @@ edges, features, split: one stream each), never from global RNG state.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from torch_geometric.data import Data
 
-from bns_pipe.data.validate import undirected_edge_index
+from bns_pipe.data.validate import new_data, undirected_edge_index
 from bns_pipe.errors import DatasetError
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 HOMOPHILY = 0.5
 DEGREE_EXPONENT = 2.5
@@ -71,7 +75,7 @@ def synthetic_graph(
     masks["val"][order[n_train : n_train + n_val]] = True
     masks["test"][order[n_train + n_val :]] = True
 
-    data = Data(
+    data = new_data(
         x=torch.from_numpy(x),
         y=torch.from_numpy(y),
         edge_index=edge_index,

@@ -18,17 +18,28 @@ slower than ``np.sort`` at 10^7+ elements).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch_geometric.data import Data
 
 from bns_pipe.errors import DatasetError
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 log = logging.getLogger(__name__)
 
 MASKS = ("train_mask", "val_mask", "test_mask")
+
+
+def new_data(**attributes) -> Data:
+    """``torch_geometric.data.Data(**attributes)``, importing PyG only when a graph is made
+    (so training from a stored partition and the CLI start without it)."""
+    from torch_geometric.data import Data
+
+    return Data(**attributes)
 
 
 def validate_data(data: Data, name: str = "data") -> Data:
@@ -53,7 +64,7 @@ def validate_data(data: Data, name: str = "data") -> Data:
         if bool((y[in_split] < 0).any()):
             raise DatasetError(f"{name}: nodes in a train/val/test mask have label -1")
     edge_index = _edges(data.edge_index, n, name)
-    out = Data(x=x, y=y, edge_index=edge_index, **masks)
+    out = new_data(x=x, y=y, edge_index=edge_index, **masks)
     out.num_classes = num_classes
     out.multilabel = multilabel
     return out

@@ -11,8 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-
-from torch_geometric.data import Data
+from typing import TYPE_CHECKING
 
 from bns_pipe.errors import PartitionError
 from bns_pipe.partition.assign import BALANCE_CONSTRAINTS, METHODS, assign_parts, parse_balance
@@ -27,6 +26,9 @@ from bns_pipe.partition.store import (
     verify_partition,
     write_partition,
 )
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 __all__ = [
     "BALANCE_CONSTRAINTS",

@@ -10,11 +10,14 @@ owner's send list, which lists the owner's local indices in ascending order.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from torch_geometric.data import Data
 
 from bns_pipe import _ext
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 
 def global_in_csr(edge_index: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
