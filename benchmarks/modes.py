@@ -85,7 +85,8 @@ def run(
     part_dir: Path, flags: list[str], epochs: int, warmup: int, tmp: Path, eval_every: int = 0
 ) -> dict:
     """One training launch; medians over the epochs after ``warmup``."""
-    metrics = tmp / "metrics.jsonl"
+    metrics = tmp / f"metrics-{os.getpid()}.jsonl"  # one per script, so two can run at once
+    metrics.unlink(missing_ok=True)
     command = [sys.executable, "-m", "bns_pipe", "train", "--partition-dir", str(part_dir)]
     command += [*MODEL, *flags, "--epochs", str(epochs + warmup)]
     command += ["--eval-every", str(eval_every)]

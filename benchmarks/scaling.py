@@ -166,11 +166,14 @@ def main() -> None:
     machine = describe()
     tmp = cache_dir("bench-runs")
     tmp.mkdir(parents=True, exist_ok=True)
-    runs = []
+    # Runs finished by an earlier invocation are kept (an interrupted study resumes).
+    runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     for size in args.sizes:
         part, stats = partition(size)
         manifest = json.loads((part / "manifest.json").read_text())
         for mode, flags in MODES.items():
+            if any(r["size"] == size and r["mode"] == mode for r in runs):
+                continue
             log(f"{size} {mode} ...")
             result = run(part, [*flags], args.epochs, 1, tmp)
             result.pop("curve")
@@ -191,7 +194,7 @@ def main() -> None:
                 f"    {result['epoch_time_s']:.2f} s/epoch, "
                 f"peak {result['peak_mem_bytes'] / GIB:.2f} GiB/rank"
             )
-    report(args.out, finish(machine), runs)
+            report(args.out, finish(machine), runs)
 
 
 def report(out: Path, machine: dict, runs: list[dict]) -> None:
