@@ -65,9 +65,10 @@ def _record_worker(rank: int, world: int, config: TrainConfig, out: Path) -> Non
     shutdown()
 
 
-def line_of_clusters(parts: int = 4, size: int = 60) -> Data:
+def line_of_clusters(parts: int = 4, size: int = 60, isolated_last: bool = False) -> Data:
     """Dense clusters joined only to their neighbours in a line: with one cluster per rank,
-    ranks i and j > i + 1 share no edge, so their send lists are empty."""
+    ranks i and j > i + 1 share no edge, so their send lists are empty. ``isolated_last``
+    leaves the last cluster unjoined (its rank has no halo at all)."""
     gen = torch.Generator().manual_seed(0)
     edges = []
     for c in range(parts):
@@ -75,7 +76,7 @@ def line_of_clusters(parts: int = 4, size: int = 60) -> Data:
         src = torch.randint(0, size, (size * 6,), generator=gen) + base
         dst = torch.randint(0, size, (size * 6,), generator=gen) + base
         edges.append(torch.stack([src, dst]))
-        if c + 1 < parts:
+        if c + 1 < parts and not (isolated_last and c + 2 == parts):
             bridge = torch.arange(0, size, 6)
             edges.append(torch.stack([bridge + base, bridge + base + size]))
     ei = torch.cat(edges, 1)
@@ -197,3 +198,30 @@ def test_one_rank_pipeline_is_exact_single_process(tmp_path: Path) -> None:
     options = {"model": "gcn", "pipeline": True, "feat_smooth": 0.9, "grad_smooth": 0.9}
     results = run_world(1, [("synthetic", options)], tmp_path)
     check_against_reference(gold_dataset("synthetic"), results["synthetic/0"], **options)
+
+
+def _fit_worker(rank: int, world: int, config: TrainConfig) -> None:
+    from bns_pipe.train.distributed import init_distributed, shutdown
+    from bns_pipe.train.trainer import Trainer
+
+    ctx = init_distributed("gloo", "cpu", 1, 60)
+    Trainer(config, ctx).fit()
+    shutdown()
+
+
+def test_sampled_pipeline_with_a_rank_without_halo(tmp_path: Path) -> None:
+    """A rank without halo sees the same (empty) sample every epoch while its peers' differ:
+    every rank must still issue the same transfers (this once deadlocked at warm-up)."""
+    partition(line_of_clusters(4, isolated_last=True), 4, tmp_path / "p", verbose=False)
+    assert any(load_partition(tmp_path / "p", r).n_halo == 0 for r in range(4))
+    config = TrainConfig(
+        partition_dir=str(tmp_path / "p"),
+        layers=3,
+        hidden=8,
+        epochs=4,
+        pipeline=True,
+        sampling_rate=0.5,
+        eval_every=0,
+        progress=False,
+    )
+    run_ranks(_fit_worker, 4, config, timeout=120)

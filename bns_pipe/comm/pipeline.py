@@ -118,7 +118,9 @@ class HaloPipeline:
         stale = self.features.get(layer)
         if stale is None:  # warm-up: this epoch's rows, synchronously
             stale = self.exchange.wait(self.exchange.start_forward(x, layer, self.plan))
-            if _same_plan(self.plan, self.next_plan):
+            # Reused only when no rank samples: every rank must issue the same transfers, and
+            # two samples that agree on one rank (say, one without a halo) may not on another.
+            if self.plan is self.next_plan:
                 self.features[layer] = stale
                 return stale
         self.features[layer] = self.exchange.start_forward(x, layer, self.next_plan)
@@ -200,13 +202,3 @@ class HaloPipeline:
         if layer not in smoothers:
             smoothers[layer] = Smoother(gamma, keep.numel())
         return smoothers[layer]
-
-
-def _same_plan(a: EpochSample, b: EpochSample) -> bool:
-    """Whether two plans move the same rows (always so without sampling)."""
-    return a is b or (
-        a.send_splits == b.send_splits
-        and a.recv_splits == b.recv_splits
-        and torch.equal(a.send_keep, b.send_keep)
-        and torch.equal(a.halo_keep, b.halo_keep)
-    )
