@@ -61,7 +61,8 @@ CONVERGENCE_MODES = {
         *PIPELINE_MODES["pipeline smooth-0.95"][1:],
     ],
 }
-CONVERGENCE_EPOCHS, CONVERGENCE_EVAL_EVERY = 150, 5
+# suite → (timed epochs, evaluate every): more training where the accuracy column matters
+SUITE_TRAINING = {"pipeline": (30, 0), "convergence": (150, 5)}
 MODEL = ["--layers", "3", "--hidden", "128", "--dropout", "0.5"]
 
 
@@ -165,12 +166,10 @@ def main() -> None:
         results = [r for r in json.loads(out.read_text())["runs"] if _key(r) not in redone]
     tmp = cache_dir("bench-runs")
     tmp.mkdir(parents=True, exist_ok=True)
+    suite_epochs, eval_every = SUITE_TRAINING.get(args.suite, (None, 0))
     for i, config in enumerate(configs):
         _, extra, epochs, warmup = GRAPHS[config["graph"]]
-        eval_every = CONVERGENCE_EVAL_EVERY if args.suite == "convergence" else 0
-        if args.suite != "bns":  # enough training for the accuracy column
-            epochs = CONVERGENCE_EPOCHS if args.suite == "convergence" else 30
-        epochs = args.epochs or epochs
+        epochs = args.epochs or suite_epochs or epochs
         part = partition_dir(config["graph"], config["world"], config["partition"])
         label = f"{config['graph']} K={config['world']} {config['partition']} {config['mode']}"
         log(f"[{i + 1}/{len(configs)}] {label}")

@@ -56,13 +56,9 @@ GIB = 2**30
 PAPERS = {"nodes": 111_059_956, "edges": 2 * 1_615_685_872}
 
 
-def graph_name(size: str) -> str:
-    return f"synthetic-{size}"
-
-
 def partition(size: str) -> tuple[Path, dict]:
     """Partition once (cached); the wall time and peak RSS of the partitioning process."""
-    out = cache_dir("bench-partitions") / f"{graph_name(size)}-{WORLD}-metis"
+    out = cache_dir("bench-partitions") / f"synthetic-{size}-{WORLD}-metis"
     stats_file = out / "partition_stats.json"
     if not stats_file.exists():
         log(f"partitioning {size} into {WORLD} (metis) ...")
@@ -175,9 +171,10 @@ def main() -> None:
     tmp = cache_dir("bench-runs")
     tmp.mkdir(parents=True, exist_ok=True)
     # Runs finished by an earlier invocation are kept (an interrupted study resumes).
-    runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    runs = earlier["runs"]
     if args.report_only:
-        report(args.out, json.loads(args.out.read_text())["machine"], runs)
+        report(args.out, earlier["machine"], runs)
         return
     for size in args.sizes:
         part, stats = partition(size)

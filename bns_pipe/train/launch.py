@@ -29,8 +29,13 @@ def cached_partition(spec: dict, parts: int, method: str, seed: int, root: str |
     from bns_pipe.data import LOADER_VERSION, load_dataset_spec
     from bns_pipe.partition import BALANCE_CONSTRAINTS, partition
 
-    identity = {"dataset": spec, "parts": parts, "method": method, "seed": seed}
-    identity["loader"] = LOADER_VERSION
+    identity = {
+        "dataset": spec,
+        "parts": parts,
+        "method": method,
+        "seed": seed,
+        "loader": LOADER_VERSION,
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     directory = (
         cache_dir("partitions")
