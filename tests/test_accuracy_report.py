@@ -1,4 +1,5 @@
-"""``bns-pipe accuracy`` smoke test: paired runs, a well-formed report, and resume by skipping."""
+"""``bns-pipe accuracy`` smoke test: paired runs, a well-formed report, resume by skipping
+finished runs and redoing those whose options changed."""
 
 from __future__ import annotations
 
@@ -23,3 +24,8 @@ def test_study_reports_and_resumes(tmp_path: Path) -> None:
     again = accuracy(study, progress=False)  # every run is finished: nothing is redone
     assert [p.stat().st_mtime_ns for p in runs] == stamps
     assert json.loads((tmp_path / "accuracy.json").read_text())["table"] == again["table"]
+    longer = Study(["synthetic"], ["single"], [0], tmp_path, epochs=3)  # options changed
+    accuracy(longer, progress=False)
+    redone = [p.stat().st_mtime_ns != t for p, t in zip(runs, stamps, strict=True)]
+    assert redone == [False, False, True, False]  # single/seed_0 only
+    assert json.loads(runs[2].read_text().splitlines()[0])["config"]["epochs"] == 3

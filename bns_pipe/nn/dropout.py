@@ -9,7 +9,8 @@ For x (R, C) whose row r is global node ``row_ids[r]``, element (r, c) is kept i
 The mask is a function of (key, global row, column) only, so a graph split over any number of
 ranks, in any row order, gets exactly the dropout of the single-process model. ``y = D x`` with
 ``D`` diagonal, so the backward is the same map applied to the incoming gradient; the mask is
-recomputed there instead of stored.
+recomputed there instead of stored. Sparse input features (a CSR) drop their stored entries
+with the same mask (:func:`keyed_dropout_csr`): dropout maps zeros to zeros.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from torch.autograd import Function
 
 from bns_pipe import _ext
 from bns_pipe.random import check_probability, has_ext_kernel, keep_mask, threshold, to_int64
+from bns_pipe.sparse import CSR
 
-__all__ = ["KeyedDropout", "keyed_dropout"]
+__all__ = ["KeyedDropout", "keyed_dropout", "keyed_dropout_csr"]
 
 # Elements per row chunk of the pure-PyTorch path, bounding its int64 temporaries.
 _CHUNK = 1 << 20
@@ -81,6 +83,32 @@ def keyed_dropout(x: Tensor, p: float, key: int, row_ids: Tensor, training: bool
             f"and row_ids {tuple(row_ids.shape)} {row_ids.dtype}"
         )
     return _KeyedDropoutFn.apply(x, key, row_ids, p)
+
+
+def keyed_dropout_csr(x: CSR, p: float, key: int, row_ids: Tensor) -> CSR:
+    """:func:`keyed_dropout` of a constant sparse x (R, C): its stored entries take the mask
+    the dense x would, so the result equals the dense dropout, stored sparse.
+
+    x's cached transpose (built once) gets the same entries dropped, element for element, so
+    the weight gradient ``xᵀ G`` needs no transpose built per epoch.
+    """
+    check_probability(p)
+    if p == 0.0:
+        return x
+    t, ids = x.transpose(), row_ids[x.row_ids()]
+    out = x.with_values(_drop_entries(x.values, ids, x.indices, x.n_cols, key, p))
+    ids = row_ids[t.indices]
+    out.set_transpose(t.with_values(_drop_entries(t.values, ids, t.row_ids(), x.n_cols, key, p)))
+    return out
+
+
+def _drop_entries(
+    values: Tensor, rows: Tensor, cols: Tensor, n_cols: int, key: int, p: float
+) -> Tensor:
+    """Entry k is element (global row ``rows[k]``, column ``cols[k]``) of an x with
+    ``n_cols`` columns: kept and scaled, or zeroed, as :func:`keyed_dropout` does."""
+    dropped = keep_mask(key, rows * n_cols + cols, p)
+    return (values * torch.tensor(_scale(p), dtype=values.dtype)).masked_fill_(dropped, 0)
 
 
 class KeyedDropout(nn.Module):

@@ -9,9 +9,10 @@ from torch import nn
 
 from bns_pipe.graph import LocalGraph
 from bns_pipe.nn.conv import CONVS
-from bns_pipe.nn.dropout import keyed_dropout
+from bns_pipe.nn.dropout import keyed_dropout, keyed_dropout_csr
 from bns_pipe.nn.norm import make_norm
 from bns_pipe.random import stream_key
+from bns_pipe.sparse import CSR
 
 
 class GNN(nn.Module):
@@ -54,11 +55,12 @@ class GNN(nn.Module):
     def forward(
         self,
         graph: LocalGraph,
-        x: torch.Tensor,
+        x: torch.Tensor | CSR,
         epoch: int = 0,
         precomputed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (n_inner, in_dim) → logits (n_inner, out_dim)."""
+        """x (n_inner, in_dim), dense or CSR (:mod:`bns_pipe.nn.features`) → logits
+        (n_inner, out_dim)."""
         for layer, conv in enumerate(self.convs):
             key = stream_key(self.seed, epoch, layer)
             x = self._drop(x, key, graph)
@@ -70,9 +72,11 @@ class GNN(nn.Module):
                 x = torch.relu(self.norms[layer](x))
         return x
 
-    def _drop(self, x: torch.Tensor, key: int, graph: LocalGraph) -> torch.Tensor:
+    def _drop(self, x: torch.Tensor | CSR, key: int, graph: LocalGraph) -> torch.Tensor | CSR:
         if not self.training or self.dropout == 0:
             return x
+        if isinstance(x, CSR):
+            return keyed_dropout_csr(x, self.dropout, key, graph.global_ids)
         return keyed_dropout(x, self.dropout, key, graph.global_ids, training=True)
 
     def precompute(self, graph: LocalGraph, x: torch.Tensor) -> torch.Tensor:

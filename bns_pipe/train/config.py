@@ -41,6 +41,8 @@ class TrainConfig:
     feat_smooth: float = 0.0
     grad_smooth: float = 0.0
     use_pp: bool = False
+    normalize_features: bool = False
+    sparse_features: str = "auto"
     inductive: bool = False
     hook: list[str] = field(default_factory=list)
     dtype: str = "float32"
@@ -69,6 +71,10 @@ class TrainConfig:
             (
                 self.pipeline or (self.feat_smooth == 0 and self.grad_smooth == 0),
                 "--feat-smooth and --grad-smooth need --pipeline",
+            ),
+            (
+                self.sparse_features in ("auto", "on", "off"),
+                "--sparse-features must be auto, on or off",
             ),
             (self.dtype in ("float32", "float64"), "--dtype must be float32 or float64"),
             (not self.resume or self.checkpoint_dir, "--resume needs --checkpoint-dir"),
@@ -108,6 +114,8 @@ _FLAG_HELP = {
     "feat_smooth": "pipeline: moving-average factor of the stale halo features (0: off)",
     "grad_smooth": "pipeline: moving-average factor of the stale halo gradients (0: off)",
     "use_pp": "precompute the first layer's aggregation once (raw features never travel)",
+    "normalize_features": "divide each node's features by their sum (Kipf & Welling)",
+    "sparse_features": "first layer reads x as a sparse matrix: auto (<= 10 %% nonzero), on, off",
     "inductive": "train on the subgraph induced by training nodes; evaluate on the full graph",
     "hook": "layer hook NAME[:key=value,...] (repeatable)",
     "dtype": "float32, or float64 for verification",

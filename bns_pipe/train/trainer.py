@@ -25,8 +25,9 @@ from bns_pipe.comm.pipeline import HaloPipeline
 from bns_pipe.comm.reducer import GradReducer
 from bns_pipe.errors import BnsPipeError, PartitionError
 from bns_pipe.hooks import ByteCounter, build_hook
+from bns_pipe.nn.features import wants_sparse
 from bns_pipe.nn.model import GNN
-from bns_pipe.partition import load_partition, manifest_hash, read_manifest
+from bns_pipe.partition import Partition, load_partition, manifest_hash, read_manifest
 from bns_pipe.sampling import BoundarySampler, EpochSample
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
@@ -65,11 +66,12 @@ class Trainer:
         self.bytes = ByteCounter()
         hooks = [*hooks, self.bytes]
         dtype = getattr(torch, config.dtype)
-        self.eval_view = build_view(part, ctx, hooks, dtype)
+        features = {"normalize": config.normalize_features, "sparse": self._sparse_input(part)}
+        self.eval_view = build_view(part, ctx, hooks, dtype, **features)
         self.view, train_part = self.eval_view, part
         if config.inductive:
             train_part = training_subgraph(part, self.eval_view.exchange)
-            self.view = build_view(train_part, ctx, hooks, dtype)
+            self.view = build_view(train_part, ctx, hooks, dtype, **features)
         distributed = ctx.world_size > 1
         self.pipeline = None
         if config.pipeline and distributed:
@@ -331,6 +333,14 @@ class Trainer:
         self.state, rank_state = found
         if self.pipeline is not None:
             self.pipeline.load_state_dict(rank_state)
+
+    def _sparse_input(self, part: Partition) -> bool:
+        """``--sparse-features``, decided on the graph-wide density (the same on every rank)."""
+        config, x = self.config, part.x
+        nonzero, total = self._sum(torch.tensor([float(x.count_nonzero()), float(x.numel())]))
+        first_out = config.hidden if config.layers > 1 else part.num_classes
+        density = float(nonzero / total) if total else 1.0
+        return wants_sparse(config.sparse_features, density, x.size(1), first_out, config.use_pp)
 
     def _sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()

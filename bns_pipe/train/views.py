@@ -14,8 +14,10 @@ import torch
 from bns_pipe.comm.halo import HaloExchange
 from bns_pipe.graph import LocalGraph
 from bns_pipe.hooks import LayerHook
+from bns_pipe.nn.features import prepare_features
 from bns_pipe.partition import Partition
 from bns_pipe.partition.restrict import restrict_partition
+from bns_pipe.sparse import CSR
 from bns_pipe.train.distributed import DistContext
 
 SPLITS = ("train", "val", "test")
@@ -23,26 +25,35 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class GraphView:
-    """One rank's graph, the exchange feeding its halo, and its inner nodes' data."""
+    """One rank's graph, the exchange feeding its halo, and its inner nodes' data.
+
+    ``x`` holds the input features as the first layer reads them (dense, or CSR).
+    """
 
     graph: LocalGraph
     exchange: HaloExchange
-    x: torch.Tensor
+    x: torch.Tensor | CSR
     y: torch.Tensor
     masks: dict[str, torch.Tensor]
     precomputed: torch.Tensor | None = None
 
 
 def build_view(
-    part: Partition, ctx: DistContext, hooks: Sequence[LayerHook], dtype: torch.dtype
+    part: Partition,
+    ctx: DistContext,
+    hooks: Sequence[LayerHook],
+    dtype: torch.dtype,
+    normalize: bool = False,
+    sparse: bool = False,
 ) -> GraphView:
+    """The view of ``part``; features row-normalised and/or stored sparse as asked."""
     exchange = HaloExchange(part.send_ids, part.halo_counts, ctx.halo_group, hooks)
     exchange.to(ctx.device)
     graph = LocalGraph(part, exchange if ctx.world_size > 1 else None, dtype, ctx.device)
     return GraphView(
         graph=graph,
         exchange=exchange,
-        x=part.x.to(ctx.device, dtype),
+        x=prepare_features(part.x.to(ctx.device, dtype), normalize, sparse),
         y=part.y.to(ctx.device),
         masks={s: getattr(part, f"{s}_mask").to(ctx.device) for s in SPLITS},
     )
