@@ -26,7 +26,7 @@ class CSR:
     ``(n_rows + 1,)`` with ``indptr[0] == 0`` and ``indptr[-1] == nnz``.
     """
 
-    __slots__ = ("_transpose", "indices", "indptr", "n_cols", "values")
+    __slots__ = ("__weakref__", "_transpose", "indices", "indptr", "n_cols", "values")
 
     def __init__(self, indptr: Tensor, indices: Tensor, values: Tensor | None, n_cols: int):
         if indptr.dtype != torch.int64 or indices.dtype != torch.int64:

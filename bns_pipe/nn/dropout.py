@@ -15,6 +15,8 @@ with the same mask (:func:`keyed_dropout_csr`): dropout maps zeros to zeros.
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 import torch
 from torch import Tensor, nn
 from torch.autograd import Function
@@ -95,20 +97,29 @@ def keyed_dropout_csr(x: CSR, p: float, key: int, row_ids: Tensor) -> CSR:
     check_probability(p)
     if p == 0.0:
         return x
-    t, ids = x.transpose(), row_ids[x.row_ids()]
-    out = x.with_values(_drop_entries(x.values, ids, x.indices, x.n_cols, key, p))
-    ids = row_ids[t.indices]
-    out.set_transpose(t.with_values(_drop_entries(t.values, ids, t.row_ids(), x.n_cols, key, p)))
+    counters, counters_t = _entry_counters(x, row_ids)
+    t, scale = x.transpose(), torch.tensor(_scale(p), dtype=x.values.dtype)
+    out = x.with_values((x.values * scale).masked_fill_(keep_mask(key, counters, p), 0))
+    t_values = (t.values * scale).masked_fill_(keep_mask(key, counters_t, p), 0)
+    out.set_transpose(t.with_values(t_values))
     return out
 
 
-def _drop_entries(
-    values: Tensor, rows: Tensor, cols: Tensor, n_cols: int, key: int, p: float
-) -> Tensor:
-    """Entry k is element (global row ``rows[k]``, column ``cols[k]``) of an x with
-    ``n_cols`` columns: kept and scaled, or zeroed, as :func:`keyed_dropout` does."""
-    dropped = keep_mask(key, rows * n_cols + cols, p)
-    return (values * torch.tensor(_scale(p), dtype=values.dtype)).masked_fill_(dropped, 0)
+# x → (row_ids, counters, counters_t): the entries' counters depend only on x's sparsity
+# pattern and the row ids, so they are computed on x's first dropout and kept while x lives.
+_COUNTERS: WeakKeyDictionary[CSR, tuple[Tensor, Tensor, Tensor]] = WeakKeyDictionary()
+
+
+def _entry_counters(x: CSR, row_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The counter ``global row · C + column`` of every stored entry of x (R, C) and of its
+    transpose, ``(nnz,)`` int64 each, in storage order."""
+    cached = _COUNTERS.get(x)
+    if cached is None or cached[0] is not row_ids:
+        t = x.transpose()
+        counters = row_ids[x.row_ids()] * x.n_cols + x.indices
+        counters_t = row_ids[t.indices] * x.n_cols + t.row_ids()
+        cached = _COUNTERS[x] = (row_ids, counters, counters_t)
+    return cached[1], cached[2]
 
 
 class KeyedDropout(nn.Module):
