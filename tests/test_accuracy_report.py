@@ -10,11 +10,11 @@ from bns_pipe.bench.accuracy import Study, accuracy
 
 
 def test_study_reports_and_resumes(tmp_path: Path) -> None:
-    study = Study(["synthetic"], ["single", "bns-0.1"], [0, 1], tmp_path, epochs=2)
+    study = Study(["synthetic"], ["single", "bns-0.1-renorm"], [0, 1], tmp_path, epochs=2)
     result = accuracy(study, progress=False)
     rows = result["table"]["synthetic"]
-    assert set(rows) == {"single", "bns-0.1"} and rows["single"]["paired_diff"] == 0.0
-    assert 0 < rows["bns-0.1"]["mean"] <= 100 and "target_met" in rows["bns-0.1"]
+    assert set(rows) == {"single", "bns-0.1-renorm"} and rows["single"]["paired_diff"] == 0.0
+    assert 0 < rows["bns-0.1-renorm"]["mean"] <= 100 and "target_met" in rows["bns-0.1-renorm"]
     table = (tmp_path / "accuracy.md").read_text()
     assert "| synthetic | – |" in table and "Δ" in table
     assert (tmp_path / "accuracy_curves.png").read_bytes()[:4] == b"\x89PNG"
