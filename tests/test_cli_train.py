@@ -71,6 +71,11 @@ def test_toml_config_flags_override_and_metrics_contract(parts, tmp_path: Path) 
     assert all(keys <= set(r) for r in epochs)
     assert [("val_acc" in r) for r in epochs] == [False, True, False, True, True]
     assert all(r["comm_bytes"] > 0 and len(r["peak_mem_bytes_per_rank"]) == 2 for r in epochs)
+    for r in epochs:  # the slowest rank's times: its parts add up to its epoch time
+        summed = r["compute_s"] + r["comm_s"] + r["reduce_s"] + r["sample_s"]
+        assert abs(summed - r["epoch_time_s"]) < 1e-9 and r["peak_mem_bytes"] == max(
+            r["peak_mem_bytes_per_rank"]
+        )
     assert final["final"] and final["world_size"] == 2 and final["epochs_per_s"] > 0
     assert 0 < final["test_acc"] <= 1 and final["best_val_acc"] == max(
         r["val_acc"] for r in epochs if "val_acc" in r

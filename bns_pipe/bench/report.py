@@ -40,8 +40,9 @@ def markdown(results: dict) -> str:
         f"torch {m['torch']}, GPU {m['cuda'] or 'none'}; bns_pipe {m['bns_pipe']} "
         f"commit {(m['commit'] or 'unknown')[:10]}; {m['started']}, load {m['load_average'][0]}.",
         "",
-        "Median over repeats of each run's median epoch after warm-up (min–max over repeats); "
-        "comm = exposed halo time, hidden = halo time overlapped with computation.",
+        "The median repeat of each run's median epoch after warm-up (epoch time min–max over "
+        "repeats), as the slowest rank spent it: compute + comm + reduce + sample = epoch "
+        "time; comm = exposed halo time, hidden = halo time overlapped with computation.",
         "",
         "| graph | method | K | epoch s (min–max) | epochs/s | vs PyG CSR | compute | comm "
         "| hidden | reduce | sample | MiB/epoch | peak MiB/rank | test acc |",

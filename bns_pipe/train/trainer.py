@@ -270,35 +270,32 @@ class Trainer:
         times = self.train_step(epoch)
         ctx = self.ctx
         peak = peak_memory_bytes(ctx.device)
-        maxed = torch.tensor(
-            [times[k] for k in TIMES] + [float(peak), float(stop_requested)],
-            dtype=torch.float64,
+        # every rank's times, peak and stop request as one row: the record reports the slowest
+        # rank's times, whose parts add up to its epoch time
+        per_rank = torch.zeros(ctx.world_size, len(TIMES) + 2, dtype=torch.float64)
+        per_rank[ctx.rank] = torch.tensor(
+            [times[k] for k in TIMES] + [float(peak), float(stop_requested)], dtype=torch.float64
         )
-        per_rank = torch.zeros(ctx.world_size, dtype=torch.float64)
-        per_rank[ctx.rank] = peak
-        summed = torch.cat(
-            [
-                torch.tensor(
-                    [float(times["loss"]), float(self.bytes.total())], dtype=torch.float64
-                ),
-                per_rank,
-            ]
+        summed = torch.tensor(
+            [float(times["loss"]), float(self.bytes.total())], dtype=torch.float64
         )
-        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=ctx.reduce_group)
+        dist.all_reduce(per_rank, group=ctx.reduce_group)
         dist.all_reduce(summed, group=ctx.reduce_group)
         loss = float(summed[0])
         if not math.isfinite(loss):
             raise TrainingError(
                 f"the loss became {loss} at epoch {epoch}; lower --lr or check the features"
             )
+        slowest = per_rank[per_rank[:, TIMES.index("epoch_time_s")].argmax(), : len(TIMES)]
+        peaks = per_rank[:, len(TIMES)]
         record = {
             "epoch": epoch,
             "loss": loss,
-            **dict(zip(TIMES, maxed[: len(TIMES)].tolist(), strict=True)),
+            **dict(zip(TIMES, slowest.tolist(), strict=True)),
             "comm_bytes": int(summed[1]),
-            "peak_mem_bytes": int(maxed[len(TIMES)]),
-            "peak_mem_bytes_per_rank": [int(v) for v in summed[2:]],
-            "_stop": bool(maxed[len(TIMES) + 1]),
+            "peak_mem_bytes": int(peaks.max()),
+            "peak_mem_bytes_per_rank": [int(v) for v in peaks],
+            "_stop": bool(per_rank[:, -1].any()),
         }
         self.state["epoch_times"].append(record["epoch_time_s"])
         self.state["epoch_bytes"].append(record["comm_bytes"])
