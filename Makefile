@@ -27,7 +27,8 @@ demo: install
 	$(PYTHON) -m bns_pipe demo
 
 bench: install
-	$(PYTHON) -m bns_pipe bench --quick --out benchmarks/results/bench
+	$(PYTHON) -m bns_pipe bench --out benchmarks/results/bench
+	$(PYTHON) -m bns_pipe bench --graphs coauthor-cs --out benchmarks/results/bench-coauthor-cs
 
 accuracy: install
 	$(PYTHON) -m bns_pipe accuracy --out benchmarks/results/accuracy
