@@ -61,6 +61,7 @@ def _record_worker(rank: int, world: int, config: TrainConfig, out: Path) -> Non
     for t in range(EPOCHS):
         epoch[0] = t
         trainer.train_step(t)
+    pipe.drain()  # as fit() does: no transfer may be in flight when the group is destroyed
     torch.save(record, out / f"rank_{rank}.pt")
     shutdown()
 
