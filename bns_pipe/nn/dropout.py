@@ -98,11 +98,17 @@ def keyed_dropout_csr(x: CSR, p: float, key: int, row_ids: Tensor) -> CSR:
     if p == 0.0:
         return x
     counters, counters_t = _entry_counters(x, row_ids)
-    t, scale = x.transpose(), torch.tensor(_scale(p), dtype=x.values.dtype)
-    out = x.with_values((x.values * scale).masked_fill_(keep_mask(key, counters, p), 0))
-    t_values = (t.values * scale).masked_fill_(keep_mask(key, counters_t, p), 0)
-    out.set_transpose(t.with_values(t_values))
+    t = x.transpose()
+    out = x.with_values(_drop_entries(x.values, counters, key, p))
+    out.set_transpose(t.with_values(_drop_entries(t.values, counters_t, key, p)))
     return out
+
+
+def _drop_entries(values: Tensor, counters: Tensor, key: int, p: float) -> Tensor:
+    """Stored entries with mask counters ``counters``: kept and scaled, or zeroed, as
+    :func:`keyed_dropout` does."""
+    scaled = values * torch.tensor(_scale(p), dtype=values.dtype)
+    return scaled.masked_fill_(keep_mask(key, counters, p), 0)
 
 
 # x → (row_ids, counters, counters_t): the entries' counters depend only on x's sparsity

@@ -270,24 +270,23 @@ class Trainer:
         times = self.train_step(epoch)
         ctx = self.ctx
         peak = peak_memory_bytes(ctx.device)
-        # every rank's times, peak and stop request as one row: the record reports the slowest
-        # rank's times, whose parts add up to its epoch time
-        per_rank = torch.zeros(ctx.world_size, len(TIMES) + 2, dtype=torch.float64)
+        # every rank's times, peak, stop request, loss share and bytes as one row, summed in
+        # one all-reduce: the record reports the slowest rank's times, whose parts add up to
+        # its epoch time
+        row = [times[k] for k in TIMES] + [float(peak), float(stop_requested)]
+        per_rank = torch.zeros(ctx.world_size, len(row) + 2, dtype=torch.float64)
         per_rank[ctx.rank] = torch.tensor(
-            [times[k] for k in TIMES] + [float(peak), float(stop_requested)], dtype=torch.float64
-        )
-        summed = torch.tensor(
-            [float(times["loss"]), float(self.bytes.total())], dtype=torch.float64
+            [*row, float(times["loss"]), float(self.bytes.total())], dtype=torch.float64
         )
         dist.all_reduce(per_rank, group=ctx.reduce_group)
-        dist.all_reduce(summed, group=ctx.reduce_group)
+        summed = per_rank[:, len(row) :].sum(0)
         loss = float(summed[0])
         if not math.isfinite(loss):
             raise TrainingError(
                 f"the loss became {loss} at epoch {epoch}; lower --lr or check the features"
             )
         slowest = per_rank[per_rank[:, TIMES.index("epoch_time_s")].argmax(), : len(TIMES)]
-        peaks = per_rank[:, len(TIMES)]
+        peaks, stops = per_rank[:, len(TIMES)], per_rank[:, len(TIMES) + 1]
         record = {
             "epoch": epoch,
             "loss": loss,
@@ -295,7 +294,7 @@ class Trainer:
             "comm_bytes": int(summed[1]),
             "peak_mem_bytes": int(peaks.max()),
             "peak_mem_bytes_per_rank": [int(v) for v in peaks],
-            "_stop": bool(per_rank[:, -1].any()),
+            "_stop": bool(stops.any()),
         }
         self.state["epoch_times"].append(record["epoch_time_s"])
         self.state["epoch_bytes"].append(record["comm_bytes"])
