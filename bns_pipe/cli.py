@@ -79,6 +79,20 @@ def _add_partitioning_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nprocs", type=int, help="local worker processes (default: --parts)")
     group.add_argument("--method", choices=METHODS, default="metis", help="partition method")
     group.add_argument("--partition-seed", type=int, default=0)
+    launch = parser.add_argument_group("launching the workers (not under torchrun)")
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart every worker up to N times when one fails; they resume from the "
+        "newest complete checkpoint (default --checkpoint-dir: under the cache)",
+    )
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes taking part (c10d rendezvous)")
+    launch.add_argument(
+        "--node-rank", type=int, default=0, help="this node's index; node 0 hosts the rendezvous"
+    )
+    launch.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous on node 0")
+    launch.add_argument("--rdzv-id", default="bns_pipe", help="job id shared by all nodes")
 
 
 def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -109,15 +123,17 @@ def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _run_ranks(command, args, argv, config, work: Callable[[], object]) -> int:
-    """Run ``work`` here (under torchrun, or for one rank) or launch one worker per part."""
+    """Run ``work`` here (under torchrun, or for one rank) or launch the workers."""
     from bns_pipe.data import dataset_spec_from_args
-    from bns_pipe.train.launch import cached_partition, launch_local, under_torchrun
+    from bns_pipe.train.launch import Launch, cached_partition, launch_workers, under_torchrun
 
     if under_torchrun():
         if config.partition_dir is None:
             raise ConfigError("under torchrun, pass --partition-dir (made by `bns-pipe partition`)")
         work()
         return 0
+    if args.max_restarts < 0 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError("need --max-restarts >= 0, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
     if config.partition_dir is None:
         spec = dataset_spec_from_args(args)
         config.partition_dir = cached_partition(
@@ -125,11 +141,21 @@ def _run_ranks(command, args, argv, config, work: Callable[[], object]) -> int:
         )
         argv = [*argv, "--partition-dir", config.partition_dir]
     args.partition_dir = config.partition_dir
-    nprocs = args.nprocs or _num_parts(config.partition_dir)
-    if nprocs == 1:
+    nprocs = args.nprocs or _num_parts(config.partition_dir) // args.nnodes
+    single = args.nnodes == 1 and args.max_restarts == 0
+    if nprocs == 1 and single:
         work()
         return 0
-    return launch_local(nprocs, [command, *argv])
+    launch = Launch(
+        nprocs,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts,
+        timeout=config.timeout,
+    )
+    return launch_workers(launch, [command, *argv])
 
 
 def _num_parts(directory: str) -> int:

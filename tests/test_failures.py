@@ -100,6 +100,9 @@ def test_killed_rank_ends_the_others(two_parts: Path, tmp_path: Path, mode: list
         process.kill()
     assert process.returncode != 0
     assert "training failed" in stderr, stderr
+    # the survivor says what happened in one line: no backend traceback flood
+    assert stderr.count("communication failed while training") == 1, stderr
+    assert "Traceback" not in stderr and len(stderr.splitlines()) < 12, stderr
 
 
 def _worker_pids(parent: int) -> list[int]:

@@ -1,17 +1,33 @@
-"""Checkpoints: ``<dir>/epoch_<N>/`` with ``model.pt`` (rank 0) and ``rank_<k>.pt`` per rank.
+"""Checkpoints: ``<dir>/epoch_<N>/`` with ``model.pt`` (rank 0), ``rank_<k>.pt`` per rank
+and ``checkpoint.json``, the completion record.
 
 ``model.pt`` holds the model, the optimiser and the loop state; it does not depend on the
 number of ranks, so ``bns-pipe eval`` can load it on any world size. Each rank's shard holds
-its own state (RNG, and with ``--pipeline`` the stale halo buffers). All ranks write into a
-temporary directory; after a barrier rank 0 renames it, so a checkpoint exists whole or not at
-all. Files hold
-tensors and plain values only and are read with ``torch.load(weights_only=True)``. The
-directory must be shared by all ranks (for multi-node runs: a shared filesystem).
+its own state (RNG, and with ``--pipeline`` the stale halo buffers). Files hold tensors and
+plain values only and are read with ``torch.load(weights_only=True)``. The directory must be
+shared by all ranks (for multi-node runs: a shared filesystem).
+
+A checkpoint survives faults:
+
+- every rank writes into ``.epoch_<N>.tmp/`` and fsyncs its file; rank 0 then writes
+  ``checkpoint.json`` (epoch, world size, and every file's size and SHA-256), fsyncs it and
+  renames the directory into place, so a process killed mid-write leaves only the temporary
+  directory, which later writes replace and readers never look at;
+- a write that fails on any rank (disk full, file-size limit) removes the temporary directory
+  and raises :class:`CheckpointError` on every rank; the previous checkpoints are untouched;
+- :func:`newest_complete` skips, with a warning naming it, a checkpoint whose record is missing
+  or whose files do not match it, and falls back to the previous complete one;
+- after each write only the newest ``keep`` intact checkpoints up to it are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +37,20 @@ from bns_pipe.errors import BnsPipeError
 from bns_pipe.train.distributed import DistContext
 
 PREFIX = "epoch_"
+RECORD = "checkpoint.json"
+MODEL = "model.pt"
+
+
+class CheckpointError(BnsPipeError):
+    """A checkpoint cannot be written or read."""
+
+
+def shard_name(rank: int) -> str:
+    return f"rank_{rank}.pt"
+
+
+def epoch_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
 
 
 def save(
@@ -31,9 +61,10 @@ def save(
     state: dict,
     config: dict,
     rank_state: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
 ) -> Path:
     """Write the checkpoint of the epoch ``state["epoch"]`` (every rank calls this);
-    ``rank_state`` goes into this rank's shard."""
+    ``rank_state`` goes into this rank's shard; ``keep`` (0: all) checkpoints stay."""
     directory = Path(directory)
     final = directory / f"{PREFIX}{state['epoch']:06d}"
     tmp = directory / f".{final.name}.tmp"
@@ -41,51 +72,165 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier(group=ctx.reduce_group)
-    shard = {
-        "rng_cpu": torch.get_rng_state(),
-        "rank": ctx.rank,
-        "world_size": ctx.world_size,
-        "rank_state": rank_state or {},
+    files = {
+        shard_name(ctx.rank): {
+            "rng_cpu": torch.get_rng_state(),
+            "rank": ctx.rank,
+            "world_size": ctx.world_size,
+            "rank_state": rank_state or {},
+        }
     }
-    torch.save(shard, tmp / f"rank_{ctx.rank}.pt")
     if ctx.is_main:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "state": state,
-                "config": config,
-            },
-            tmp / "model.pt",
+        files[MODEL] = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": state,
+            "config": config,
+        }
+    # per rank: failed flag, then (size, 32 digest bytes) of its shard and of model.pt
+    table = torch.zeros(ctx.world_size, 1 + 2 * 33, dtype=torch.int64)
+    error = None
+    try:
+        for slot, (name, blob) in enumerate(files.items()):
+            size, digest = _write(tmp / name, blob)
+            table[ctx.rank, 1 + 33 * slot] = size
+            table[ctx.rank, 2 + 33 * slot : 34 + 33 * slot] = torch.tensor(list(digest))
+    except Exception as exc:  # a full disk, a size limit, a vanished directory
+        error = f"rank {ctx.rank}: {exc}"
+        table[ctx.rank, 0] = 1
+    dist.all_reduce(table, group=ctx.reduce_group)
+    if error is None and ctx.is_main and not table[:, 0].any():
+        try:
+            _publish(tmp, final, table, ctx.world_size, state["epoch"])
+            _prune(directory, final, keep)
+        except Exception as exc:
+            error = f"rank 0: {exc}"
+    failed = torch.tensor([float(error is not None)])
+    dist.all_reduce(failed, group=ctx.reduce_group)
+    if failed.item() or table[:, 0].any():
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ranks = [r for r in range(ctx.world_size) if table[r, 0]] or [0]
+        previous = newest_name(directory)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "none was kept"
+        raise CheckpointError(
+            f"writing checkpoint {final} failed ({error or f'rank(s) {ranks} could not write'}); "
+            f"{kept}. Free space or raise the limit, then resume with --resume"
         )
-    dist.barrier(group=ctx.reduce_group)
-    if ctx.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    dist.barrier(group=ctx.reduce_group)
     return final
 
 
-def latest(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``directory``, or None."""
+def _write(path: Path, blob: dict) -> tuple[int, bytes]:
+    """Serialise ``blob`` to ``path`` durably; return its size and SHA-256."""
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    data = buffer.getbuffer()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data), hashlib.sha256(data).digest()
+
+
+def _publish(tmp: Path, final: Path, table: torch.Tensor, world_size: int, epoch: int) -> None:
+    """Write the completion record and rename ``tmp`` to ``final`` (rank 0)."""
+    files = {}
+    for rank in range(world_size):
+        names = [shard_name(rank)] + ([MODEL] if rank == 0 else [])
+        for slot, name in enumerate(names):
+            row = table[rank, 1 + 33 * slot : 34 + 33 * slot]
+            files[name] = {"bytes": int(row[0]), "sha256": bytes(row[1:].tolist()).hex()}
+    record = {"epoch": epoch, "world_size": world_size, "files": files}
+    with open(tmp / RECORD, "w") as f:
+        f.write(json.dumps(record, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(directory: Path, written: Path, keep: int) -> None:
+    """Keep ``written`` and the ``keep - 1`` newest intact checkpoints before it (0: keep
+    all); broken older ones go too, newer ones (left by an earlier attempt) stay."""
+    if keep == 0:
+        return
+    kept = 1
+    for path in reversed(checkpoints(directory)):
+        if epoch_of(path) >= epoch_of(written):
+            continue
+        if kept < keep and problem(path) is None:
+            kept += 1
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoints(directory: str | Path) -> list[Path]:
+    """Every ``epoch_<N>`` directory in ``directory``, oldest first (complete or not)."""
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    done = sorted(p for p in directory.glob(f"{PREFIX}*") if (p / "model.pt").is_file())
-    return done[-1] if done else None
+        return []
+    return sorted(
+        p for p in directory.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()
+    )
+
+
+def newest_name(directory: str | Path) -> str | None:
+    found = checkpoints(directory)
+    return found[-1].name if found else None
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint ``path`` is not complete and intact, or None if it is."""
+    try:
+        record = json.loads((path / RECORD).read_text())
+        files = record["files"]
+    except FileNotFoundError:
+        return f"{RECORD} is missing (incomplete write)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{RECORD} is unreadable ({exc})"
+    for name, expected in files.items():
+        try:
+            data = (path / name).read_bytes()
+        except OSError:
+            return f"{name} is missing"
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in {RECORD} (corrupt)"
+    return None
+
+
+def newest_complete(directory: str | Path, warn: bool = True) -> Path | None:
+    """The newest intact checkpoint; newer broken ones are skipped with a warning."""
+    for path in reversed(checkpoints(directory)):
+        reason = problem(path)
+        if reason is None:
+            return path
+        if warn:
+            print(f"bns-pipe: warning: skipping checkpoint {path}: {reason}", file=sys.stderr)
+    return None
 
 
 def read_model_file(path: str | Path) -> dict:
     """Load ``model.pt`` (a checkpoint directory or the file itself) without unpickling code."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.pt"
+        path = path / MODEL
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError as exc:
-        raise BnsPipeError(f"checkpoint {path} does not exist") from exc
+        raise CheckpointError(f"checkpoint {path} does not exist") from exc
     except Exception as exc:
-        raise BnsPipeError(
+        raise CheckpointError(
             f"checkpoint {path} is corrupt or not a bns_pipe checkpoint: {exc}"
         ) from exc
 
@@ -96,22 +241,31 @@ def load_latest(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """Restore the newest checkpoint into ``model`` and ``optimizer``; return the loop state
-    and this rank's ``rank_state``, or None without a checkpoint."""
-    path = latest(directory)
-    if path is None:
+    """Restore the newest complete checkpoint into ``model`` and ``optimizer``; return the
+    loop state and this rank's ``rank_state``, or None without one. Rank 0 chooses (and
+    warns about the broken ones it skips), so every rank loads the same epoch."""
+    chosen = torch.tensor([-1], dtype=torch.int64)
+    if ctx.is_main:
+        path = newest_complete(directory)
+        chosen[0] = -1 if path is None else epoch_of(path)
+    dist.broadcast(chosen, src=0, group=ctx.reduce_group)
+    if chosen.item() < 0:
         return None
+    path = Path(directory) / f"{PREFIX}{int(chosen.item()):06d}"
+    record = json.loads((path / RECORD).read_text())
+    if record["world_size"] != ctx.world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {record['world_size']} ranks, this run has "
+            f"{ctx.world_size}; resume needs the same world size"
+        )
     blob = read_model_file(path)
-    shard_path = path / f"rank_{ctx.rank}.pt"
+    shard_path = path / shard_name(ctx.rank)
     try:
         shard = torch.load(shard_path, weights_only=True)
     except Exception as exc:
-        raise BnsPipeError(f"checkpoint shard {shard_path} is missing or corrupt: {exc}") from exc
-    if shard["world_size"] != ctx.world_size:
-        raise BnsPipeError(
-            f"checkpoint {path} was written by {shard['world_size']} ranks, this run has "
-            f"{ctx.world_size}; resume needs the same world size"
-        )
+        raise CheckpointError(
+            f"checkpoint shard {shard_path} is missing or corrupt: {exc}"
+        ) from exc
     model.load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(shard["rng_cpu"])

@@ -34,6 +34,7 @@ class TrainConfig:
     metrics_jsonl: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     resume: bool = False
     sampling_rate: float = 1.0
     bns_norm: str = "unbiased"
@@ -63,6 +64,7 @@ class TrainConfig:
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.eval_every >= 0, "--eval-every must be non-negative (0: never)"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
+            (self.keep_checkpoints >= 0, "--keep-checkpoints must be non-negative (0: all)"),
             (self.timeout > 0, "--timeout must be positive"),
             (0.0 <= self.sampling_rate <= 1.0, "--sampling-rate must be in [0, 1]"),
             (self.bns_norm in ("unbiased", "renorm"), "--bns-norm must be unbiased or renorm"),
@@ -107,7 +109,8 @@ _FLAG_HELP = {
     "metrics_jsonl": "write metrics as JSON lines to this file (rank 0)",
     "checkpoint_dir": "directory for checkpoints",
     "checkpoint_every": "checkpoint every N epochs (0: only at the end and on SIGTERM)",
-    "resume": "resume from the latest checkpoint in --checkpoint-dir",
+    "keep_checkpoints": "keep the newest N checkpoints (0: all)",
+    "resume": "resume from the newest complete checkpoint in --checkpoint-dir",
     "sampling_rate": "BNS: keep each boundary node with this probability per epoch (1: all)",
     "bns_norm": "BNS normalisation: unbiased (kept halo rows x 1/p) or renorm (sampled degree)",
     "pipeline": "PipeGCN: use last epoch's halo features and gradients; transfers run hidden",
@@ -120,7 +123,7 @@ _FLAG_HELP = {
     "hook": "layer hook NAME[:key=value,...] (repeatable)",
     "dtype": "float32, or float64 for verification",
     "timeout": "seconds a collective may wait for a peer before the run fails",
-    "progress": "show the progress bar on rank 0",
+    "progress": "hide the progress bar (shown on rank 0 by default)",
 }
 
 

@@ -1,15 +1,25 @@
-"""Process-group set-up for torchrun workers (and a one-process group otherwise)."""
+"""Process-group set-up for torchrun workers (and a one-process group otherwise).
+
+Under an elastic agent every restart of the group gets its own key space in the rendezvous
+store (``bns_pipe/attempt_<TORCHELASTIC_RESTART_COUNT>``): the agent keeps one store across
+restarts, and gloo would otherwise read the addresses the dead attempt's ranks published.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from bns_pipe.errors import ConfigError
+from bns_pipe.errors import BnsPipeError, ConfigError
+
+
+class PeerError(BnsPipeError):
+    """Communication with the other ranks failed: a peer died, hung or never arrived."""
 
 
 @dataclass
@@ -44,6 +54,11 @@ def world_from_env() -> tuple[int, int, int, int]:
     )
 
 
+def restart_count() -> int:
+    """How often the elastic agent has restarted the group (0: the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def resolve_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +77,7 @@ def init_distributed(
     timeout_s: float = 300.0,
 ) -> DistContext:
     """Join the process group torchrun set up (or make a one-rank group) and pick the device."""
-    _, _, local_rank, local_world = world_from_env()
+    rank, world, local_rank, local_world = world_from_env()
     dev = resolve_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -71,14 +86,15 @@ def init_distributed(
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(threads)
     timeout = timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
-        else:
+    try:
+        if not dist.is_initialized():
+            store = _store(rank, world, timeout)
             dist.init_process_group(
-                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+                backend, store=store, rank=rank, world_size=world, timeout=timeout
             )
-    halo_group = dist.new_group(backend=backend, timeout=timeout)
+        halo_group = dist.new_group(backend=backend, timeout=timeout)
+    except Exception as exc:
+        raise as_peer_error(exc, rank, timeout_s, "joining the process group") from None
     return DistContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -88,6 +104,48 @@ def init_distributed(
         halo_group=halo_group,
         reduce_group=dist.group.WORLD,
     )
+
+
+def _store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store torchrun points at (``MASTER_ADDR``), in this attempt's key
+    space; a private in-memory store for one process without torchrun."""
+    if "MASTER_ADDR" not in os.environ:
+        return dist.HashStore()
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore(f"bns_pipe/attempt_{restart_count()}", store)
+
+
+# What gloo, NCCL and the store say when a peer is gone or silent.
+_PEER_MARKERS = ("connection", "timed out", "timeout", "gloo", "nccl", "broken pipe", "socket")
+
+
+def as_peer_error(exc: BaseException, rank: int, timeout_s: float, during: str) -> BaseException:
+    """``exc`` as a one-line :class:`PeerError` when it is a communication failure, else
+    ``exc`` itself (a programming error keeps its traceback)."""
+    text = str(exc)
+    lowered = text.lower()
+    if not isinstance(exc, dist.DistError) and not (
+        isinstance(exc, RuntimeError) and any(m in lowered for m in _PEER_MARKERS)
+    ):
+        return exc
+    if "timed out" in lowered or "timeout" in lowered:
+        what = (
+            f"a peer did not answer within --timeout {timeout_s:g} s (hung, stopped or not started)"
+        )
+    else:
+        what = "a peer closed the connection (it probably died; see its error above)"
+    detail = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text.strip().split("\n")[0])
+    detail = (detail[:157] + "...") if len(detail) > 160 else detail or type(exc).__name__
+    if restart_count() < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+        then = "the launcher restarts every rank from the newest complete checkpoint"
+    else:
+        then = (
+            "resume with --resume --checkpoint-dir DIR, or train with --max-restarts N to "
+            "restart automatically"
+        )
+    return PeerError(f"rank {rank}: communication failed while {during}: {what}; {then} [{detail}]")
 
 
 def shutdown() -> None:

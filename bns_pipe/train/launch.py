@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-import torch
-
-from bns_pipe.errors import BnsPipeError
+from bns_pipe.errors import BnsPipeError, ConfigError
 from bns_pipe.paths import cache_dir
 from bns_pipe.train.config import TrainConfig
 
@@ -56,12 +57,18 @@ def cached_partition(spec: dict, parts: int, method: str, seed: int, root: str |
 
 
 def run_worker(config: TrainConfig) -> dict:
-    """Train as one rank of the job torchrun (or nobody, for one rank) started."""
-    from bns_pipe.train.distributed import init_distributed, shutdown
+    """Train as one rank of the job torchrun (or nobody, for one rank) started.
+
+    Under an elastic agent with restarts (``--max-restarts``), a restarted worker resumes from
+    the newest complete checkpoint. A failure to talk to a peer ends this rank with one line
+    (:class:`PeerError`) instead of the backend's traceback.
+    """
+    from bns_pipe.train.distributed import as_peer_error, init_distributed, shutdown
     from bns_pipe.train.trainer import Trainer
 
     ctx = init_distributed(config.backend, config.device, config.threads_per_rank, config.timeout)
     try:
+        elastic_defaults(config, ctx.rank, ctx.world_size, ctx.local_world_size)
         if ctx.is_main:
             from bns_pipe import _ext
 
@@ -71,16 +78,36 @@ def run_worker(config: TrainConfig) -> dict:
             )
         try:
             final = Trainer(config, ctx).fit()
-        except torch.distributed.DistError as exc:
-            raise BnsPipeError(
-                f"rank {ctx.rank}: communication with the other ranks failed "
-                f"({str(exc).splitlines()[0]}); a peer probably died, see its error above"
-            ) from None
+        except Exception as exc:
+            raise as_peer_error(exc, ctx.rank, config.timeout, "training") from None
         if ctx.is_main:
             print(summary_table(final))
         return final
     finally:
         shutdown()
+
+
+def elastic_defaults(config: TrainConfig, rank: int, world: int, local_world: int) -> None:
+    """With agent restarts allowed (``TORCHELASTIC_MAX_RESTARTS`` > 0) a restart must find a
+    checkpoint: default ``--checkpoint-dir`` to this run's cache (one node only) and
+    ``--checkpoint-every`` to a tenth of the epochs."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) == 0:
+        return
+    notes = []
+    if config.checkpoint_dir is None:
+        if world != local_world:
+            raise ConfigError(
+                "--max-restarts on several nodes needs --checkpoint-dir on a filesystem "
+                "every node sees"
+            )
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+        config.checkpoint_dir = str(cache_dir("checkpoints", run_id))
+        notes.append(f"checkpoints go to {config.checkpoint_dir}")
+    if config.checkpoint_every == 0:
+        config.checkpoint_every = max(1, config.epochs // 10)
+        notes.append(f"checkpointing every {config.checkpoint_every} epochs")
+    if notes and rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+        print(f"bns-pipe: restarts allowed: {'; '.join(notes)}", file=sys.stderr)
 
 
 def evaluate_checkpoint(checkpoint_path: str, config: TrainConfig) -> dict[str, float]:
@@ -123,31 +150,101 @@ def evaluate_checkpoint(checkpoint_path: str, config: TrainConfig) -> dict[str, 
         shutdown()
 
 
-def launch_local(nprocs: int, worker_args: Sequence[str]) -> int:
-    """Start ``nprocs`` workers of ``python -m bns_pipe WORKER_ARGS`` with torch's launcher."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+@dataclass
+class Launch:
+    """How ``bns-pipe train`` starts its workers: ``nprocs`` here, on one of ``nnodes`` nodes
+    that meet at ``rdzv_endpoint`` (c10d rendezvous; node 0 hosts it), restarting the whole
+    group up to ``max_restarts`` times when a worker fails."""
 
-    # torchrun would set OMP_NUM_THREADS=1 with a warning; share the cores instead.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
-    launcher_args = get_args_parser().parse_args(
-        [
-            "--standalone",
-            f"--nproc-per-node={nprocs}",
-            "--max-restarts=0",
+    nprocs: int
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "bns_pipe"
+    max_restarts: int = 0
+    timeout: float = 300.0
+
+    def launcher_args(self, worker_args: Sequence[str]) -> list[str]:
+        if self.nnodes == 1 and self.rdzv_endpoint is None:
+            where = ["--standalone"]
+        else:
+            if self.rdzv_endpoint is None:
+                raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0)")
+            wait = max(1, round(self.timeout))  # seconds for every node to join
+            where = [
+                f"--nnodes={self.nnodes}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.rdzv_endpoint}",
+                f"--rdzv-id={self.rdzv_id}",
+                f"--rdzv-conf=join_timeout={wait},read_timeout={wait},"
+                f"is_host={int(self.node_rank == 0)}",
+            ]
+        return [
+            *where,
+            f"--nproc-per-node={self.nprocs}",
+            f"--max-restarts={self.max_restarts}",
             "-m",
             "bns_pipe",
             *worker_args,
         ]
-    )
+
+
+def launch_workers(launch: Launch, worker_args: Sequence[str]) -> int:
+    """Start the workers of ``python -m bns_pipe WORKER_ARGS`` with torch's elastic launcher
+    and turn its failures into one-line errors."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.run import get_args_parser, run
+
+    # torchrun would set OMP_NUM_THREADS=1 with a warning; share the cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nprocs)))
+    if launch.rdzv_endpoint is not None and launch.node_rank != 0:
+        wait_for_endpoint(launch.rdzv_endpoint, launch.timeout)
     try:
-        run(launcher_args)
+        run(get_args_parser().parse_args(launch.launcher_args(worker_args)))
     except ChildFailedError as exc:
         failures = "; ".join(
             f"rank {rank}: exit code {f.exitcode}" for rank, f in sorted(exc.failures.items())
         )
-        raise BnsPipeError(f"training failed ({failures}); see the rank errors above") from None
+        restarts = f" after {launch.max_restarts} restart(s)" if launch.max_restarts else ""
+        raise BnsPipeError(
+            f"training failed{restarts} ({failures}); see the rank errors above"
+        ) from None
+    except RendezvousError as exc:
+        raise BnsPipeError(
+            f"rendezvous at {launch.rdzv_endpoint} failed: not all {launch.nnodes} nodes "
+            f"joined within --timeout {launch.timeout:g} s ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); start the launch on "
+            "every node with the same endpoint and id"
+        ) from None
+    except SignalException as exc:
+        raise BnsPipeError(
+            f"stopped by signal {exc.sigval.name}; the workers checkpointed if "
+            "--checkpoint-dir was given (continue with --resume)"
+        ) from None
     return 0
+
+
+def wait_for_endpoint(endpoint: str, timeout: float) -> None:
+    """Wait until node 0's rendezvous at ``HOST:PORT`` accepts connections (up to
+    ``timeout`` seconds); torch's store client would retry with C++ tracebacks instead."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--rdzv-endpoint must be HOST:PORT, not {endpoint!r}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise BnsPipeError(
+                    f"rendezvous at {endpoint} failed: node 0 did not open it within --timeout "
+                    f"{timeout:g} s ({exc.strerror or exc}); start launch/two_node.sh with "
+                    "NODE_RANK=0 there, and check MASTER_ADDR, MASTER_PORT and the firewall"
+                ) from None
+            time.sleep(0.25)
 
 
 def summary_table(final: dict) -> str:

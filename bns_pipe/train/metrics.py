@@ -79,13 +79,28 @@ def median_epochs_per_s(epoch_times: list[float], skip: int = 3) -> float | None
 
 
 class MetricsWriter:
-    """Appends JSON objects, one per line; a no-op without a path (non-zero ranks)."""
+    """Appends JSON objects, one per line; a no-op without a path (non-zero ranks).
 
-    def __init__(self, path: str | None, append: bool = False) -> None:
+    ``keep_before=E`` continues a resumed run's file: it keeps the header and the records of
+    epochs before ``E`` (those of the checkpoint it resumed from) and drops later epochs, final
+    lines and a line torn by a crash, so the file holds each epoch once. The file is rewritten
+    through a temporary file and a rename, so a crash here loses nothing.
+    """
+
+    def __init__(self, path: str | None, keep_before: int | None = None) -> None:
         self.file = None
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a" if append else "w")  # noqa: SIM115 (closed in close())
+        self.has_header = path is None
+        if not path:
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        kept = _records_before(target, keep_before) if keep_before is not None else []
+        self.has_header = bool(kept) and "header" in kept[0]
+        if keep_before is not None:
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(target)
+        self.file = open(target, "a" if keep_before is not None else "w")  # noqa: SIM115
 
     def header(self, config: dict, partition_hash: str) -> None:
         self.write(
@@ -107,3 +122,23 @@ class MetricsWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _records_before(path: Path, epoch: int) -> list[dict]:
+    """The header and the epoch records before ``epoch`` of a metrics file (none if absent);
+    lines that do not parse (a write torn by a crash) are dropped."""
+    if not path.exists():
+        return []
+    kept: list[dict] = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        first_header = record.get("header") is True and not kept
+        earlier_epoch = bool(kept) and isinstance(record.get("epoch"), int)
+        if first_header or (earlier_epoch and record["epoch"] < epoch):
+            kept.append(record)
+    return kept

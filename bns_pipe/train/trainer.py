@@ -15,6 +15,7 @@ import dataclasses
 import math
 import signal
 import statistics
+import sys
 import time
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from bns_pipe.comm.pipeline import HaloPipeline
 from bns_pipe.comm.reducer import GradReducer
-from bns_pipe.errors import BnsPipeError, PartitionError
+from bns_pipe.errors import BnsPipeError, ConfigError, PartitionError
 from bns_pipe.hooks import ByteCounter, build_hook
 from bns_pipe.nn.features import wants_sparse
 from bns_pipe.nn.model import GNN
@@ -31,7 +32,7 @@ from bns_pipe.partition import Partition, load_partition, manifest_hash, read_ma
 from bns_pipe.sampling import BoundarySampler, EpochSample
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
-from bns_pipe.train.distributed import DistContext
+from bns_pipe.train.distributed import DistContext, restart_count
 from bns_pipe.train.metrics import (
     TIMES,
     MetricsWriter,
@@ -219,10 +220,17 @@ class Trainer:
     def fit(self) -> dict:
         """Train for ``config.epochs`` epochs; returns the final metrics object (all ranks)."""
         cfg, ctx = self.config, self.ctx
-        if cfg.resume:
-            self._resume()
-        writer = MetricsWriter(cfg.metrics_jsonl if ctx.is_main else None, append=cfg.resume)
-        if not cfg.resume:
+        resuming = cfg.resume or restart_count() > 0
+        resumed_from = self._resume() if resuming else None
+        if not resuming and cfg.checkpoint_dir and checkpoint.checkpoints(cfg.checkpoint_dir):
+            raise ConfigError(
+                f"--checkpoint-dir {cfg.checkpoint_dir} already holds checkpoints (newest "
+                f"{checkpoint.newest_name(cfg.checkpoint_dir)}); pass --resume to continue "
+                "from them, or use another directory"
+            )
+        path = cfg.metrics_jsonl if ctx.is_main else None
+        writer = MetricsWriter(path, keep_before=self.state["epoch"] if resuming else None)
+        if not writer.has_header:
             writer.header(dataclasses.asdict(cfg), self.partition_hash)
         stop = _SigtermFlag()
         progress = _progress(ctx.is_main and cfg.progress, self.state["epoch"], cfg.epochs)
@@ -260,6 +268,8 @@ class Trainer:
             "comm_bytes_per_epoch": statistics.median(self.state["epoch_bytes"] or [0]),
             "peak_mem_bytes": self.state["peak_mem"],
             "startup_mem_bytes_per_rank": self.startup_mem,
+            "restarts": restart_count(),
+            "resumed_from_epoch": resumed_from,
         }
         writer.write(final)
         writer.close()
@@ -318,17 +328,26 @@ class Trainer:
             self.state,
             dataclasses.asdict(self.config),
             rank_state=self.pipeline.state_dict() if self.pipeline is not None else None,
+            keep=self.config.keep_checkpoints,
         )
 
-    def _resume(self) -> None:
+    def _resume(self) -> int | None:
+        """Restore the newest complete checkpoint; return its epoch (None: none found)."""
         found = checkpoint.load_latest(
             self.config.checkpoint_dir, self.ctx, self.model, self.optimizer
         )
         if found is None:
-            return
+            return None
         self.state, rank_state = found
         if self.pipeline is not None:
             self.pipeline.load_state_dict(rank_state)
+        if self.ctx.is_main:
+            print(
+                f"bns-pipe: resuming from {self.config.checkpoint_dir} at epoch "
+                f"{self.state['epoch']}",
+                file=sys.stderr,
+            )
+        return int(self.state["epoch"])
 
     def _sparse_input(self, part: Partition) -> bool:
         """``--sparse-features``, decided on the graph-wide density (the same on every rank)."""
