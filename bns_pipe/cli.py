@@ -134,6 +134,10 @@ def _run_ranks(command, args, argv, config, work: Callable[[], object]) -> int:
         return 0
     if args.max_restarts < 0 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise ConfigError("need --max-restarts >= 0, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
+    if args.max_restarts and args.nnodes > 1 and not getattr(config, "checkpoint_dir", None):
+        raise ConfigError(
+            "--max-restarts on several nodes needs --checkpoint-dir on a filesystem every node sees"
+        )
     if config.partition_dir is None:
         spec = dataset_spec_from_args(args)
         config.partition_dir = cached_partition(
@@ -271,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args, argv[1:])
     except BnsPipeError as exc:
-        print(f"bns-pipe {args.command}: error: {exc}", file=sys.stderr)
+        # one write: the lines of several ranks sharing a terminal must not interleave
+        sys.stderr.write(f"bns-pipe {args.command}: error: {exc}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print(f"bns-pipe {args.command}: interrupted", file=sys.stderr)

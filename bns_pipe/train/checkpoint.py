@@ -87,7 +87,8 @@ def save(
             "state": state,
             "config": config,
         }
-    # per rank: failed flag, then (size, 32 digest bytes) of its shard and of model.pt
+    # per rank: error (errno, -1 without one; 0: none), then (size, 32 digest bytes) of its
+    # shard and of model.pt
     table = torch.zeros(ctx.world_size, 1 + 2 * 33, dtype=torch.int64)
     error = None
     try:
@@ -96,26 +97,33 @@ def save(
             table[ctx.rank, 1 + 33 * slot] = size
             table[ctx.rank, 2 + 33 * slot : 34 + 33 * slot] = torch.tensor(list(digest))
     except Exception as exc:  # a full disk, a size limit, a vanished directory
-        error = f"rank {ctx.rank}: {exc}"
-        table[ctx.rank, 0] = 1
+        error = str(exc)
+        table[ctx.rank, 0] = getattr(exc, "errno", None) or -1  # so every rank can say why
     dist.all_reduce(table, group=ctx.reduce_group)
     if error is None and ctx.is_main and not table[:, 0].any():
         try:
             _publish(tmp, final, table, ctx.world_size, state["epoch"])
             _prune(directory, final, keep)
         except Exception as exc:
-            error = f"rank 0: {exc}"
-    failed = torch.tensor([float(error is not None)])
-    dist.all_reduce(failed, group=ctx.reduce_group)
-    if failed.item() or table[:, 0].any():
+            error = str(exc)
+            table[0, 0] = getattr(exc, "errno", None) or -1
+    published = table[0, 0].clone()
+    dist.broadcast(published, src=0, group=ctx.reduce_group)
+    table[0, 0] = published
+    if table[:, 0].any():
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        ranks = [r for r in range(ctx.world_size) if table[r, 0]] or [0]
+        error = "; ".join(
+            f"rank {r}: "
+            + (os.strerror(code) if code > 0 else error if r == ctx.rank else "see its message")
+            for r, code in enumerate(table[:, 0].tolist())
+            if code
+        )
         previous = newest_name(directory)
         kept = f"the previous checkpoint {previous} is intact" if previous else "none was kept"
         raise CheckpointError(
-            f"writing checkpoint {final} failed ({error or f'rank(s) {ranks} could not write'}); "
-            f"{kept}. Free space or raise the limit, then resume with --resume"
+            f"writing checkpoint {final} failed ({error}); {kept}. Free space or raise the "
+            "limit, then resume with --resume"
         )
     return final
 

@@ -137,6 +137,7 @@ def as_peer_error(exc: BaseException, rank: int, timeout_s: float, during: str) 
     else:
         what = "a peer closed the connection (it probably died; see its error above)"
     detail = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text.strip().split("\n")[0])
+    detail = detail.split(". ")[0]  # gloo appends advice to its first sentence
     detail = (detail[:157] + "...") if len(detail) > 160 else detail or type(exc).__name__
     if restart_count() < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
         then = "the launcher restarts every rank from the newest complete checkpoint"

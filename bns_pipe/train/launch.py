@@ -212,11 +212,11 @@ def launch_workers(launch: Launch, worker_args: Sequence[str]) -> int:
             f"training failed{restarts} ({failures}); see the rank errors above"
         ) from None
     except RendezvousError as exc:
+        detail = f": {str(exc).splitlines()[0]}" if str(exc).strip() else ""
         raise BnsPipeError(
             f"rendezvous at {launch.rdzv_endpoint} failed: not all {launch.nnodes} nodes "
-            f"joined within --timeout {launch.timeout:g} s ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); start the launch on "
-            "every node with the same endpoint and id"
+            f"joined within --timeout {launch.timeout:g} s ({type(exc).__name__}{detail}); "
+            "start the launch on every node with the same endpoint and id"
         ) from None
     except SignalException as exc:
         raise BnsPipeError(
