@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from bns_pipe import __version__
@@ -109,6 +112,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, default=None)
     parser.add_argument("--threads-per-rank", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument(
+        "--metric",
+        choices=("auto", "accuracy", "rocauc", "f1"),
+        default=None,
+        help="metric reported beside accuracy (default auto: the task's)",
+    )
     _add_partitioning_arguments(parser)
 
 
@@ -269,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tell_the_launcher(exc: BnsPipeError) -> None:
+    """Under torch's elastic agent, leave the message in the worker's error file, where the
+    launcher (``bns-pipe train``, :func:`bns_pipe.fit`) reads it for its own error."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": str(exc), "timestamp": int(time.time())}, f)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -278,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one write: the lines of several ranks sharing a terminal must not interleave
         sys.stderr.write(f"bns-pipe {args.command}: error: {exc}\n")
         sys.stderr.flush()
+        _tell_the_launcher(exc)
         return 2
     except KeyboardInterrupt:
         print(f"bns-pipe {args.command}: interrupted", file=sys.stderr)

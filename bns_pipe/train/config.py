@@ -31,6 +31,7 @@ class TrainConfig:
     epochs: int = 100
     seed: int = 0
     eval_every: int = 1
+    metric: str = "auto"
     metrics_jsonl: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
@@ -63,6 +64,10 @@ class TrainConfig:
             (self.weight_decay >= 0, "--weight-decay must be non-negative"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.eval_every >= 0, "--eval-every must be non-negative (0: never)"),
+            (
+                self.metric in ("auto", "accuracy", "rocauc", "f1"),
+                "--metric must be auto, accuracy, rocauc or f1",
+            ),
             (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
             (self.keep_checkpoints >= 0, "--keep-checkpoints must be non-negative (0: all)"),
             (self.timeout > 0, "--timeout must be positive"),
@@ -106,6 +111,8 @@ _FLAG_HELP = {
     "epochs": "training epochs",
     "seed": "model initialisation and dropout seed (the graph uses --data-seed)",
     "eval_every": "evaluate every N epochs (0: only at the end)",
+    "metric": "model-selection metric: auto (OGB's for ogbn-*, f1 if multilabel, else "
+    "accuracy), accuracy, rocauc or f1 (macro; micro if multilabel)",
     "metrics_jsonl": "write metrics as JSON lines to this file (rank 0)",
     "checkpoint_dir": "directory for checkpoints",
     "checkpoint_every": "checkpoint every N epochs (0: only at the end and on SIGTERM)",

@@ -127,6 +127,7 @@ def evaluate_checkpoint(checkpoint_path: str, config: TrainConfig) -> dict[str, 
             "threads_per_rank": config.threads_per_rank,
             "timeout": config.timeout,
             "inductive": False,
+            "metric": config.metric,
             "resume": False,
             "checkpoint_dir": None,
             "metrics_jsonl": None,
@@ -142,10 +143,12 @@ def evaluate_checkpoint(checkpoint_path: str, config: TrainConfig) -> dict[str, 
                 f"checkpoint {checkpoint_path} does not fit this graph's model: "
                 f"{str(exc).splitlines()[-1].strip()}"
             ) from None
-        accuracy = trainer.evaluate()
+        scores = trainer.evaluate()
         if ctx.is_main:
-            print(json.dumps({"checkpoint": str(checkpoint_path), **accuracy}))
-        return accuracy
+            print(
+                json.dumps({"checkpoint": str(checkpoint_path), "metric": trainer.metric, **scores})
+            )
+        return scores
     finally:
         shutdown()
 
@@ -204,13 +207,8 @@ def launch_workers(launch: Launch, worker_args: Sequence[str]) -> int:
     try:
         run(get_args_parser().parse_args(launch.launcher_args(worker_args)))
     except ChildFailedError as exc:
-        failures = "; ".join(
-            f"rank {rank}: exit code {f.exitcode}" for rank, f in sorted(exc.failures.items())
-        )
         restarts = f" after {launch.max_restarts} restart(s)" if launch.max_restarts else ""
-        raise BnsPipeError(
-            f"training failed{restarts} ({failures}); see the rank errors above"
-        ) from None
+        raise BnsPipeError(f"training failed{restarts} ({_failures(exc)})") from None
     except RendezvousError as exc:
         detail = f": {str(exc).splitlines()[0]}" if str(exc).strip() else ""
         raise BnsPipeError(
@@ -224,6 +222,23 @@ def launch_workers(launch: Launch, worker_args: Sequence[str]) -> int:
             "--checkpoint-dir was given (continue with --resume)"
         ) from None
     return 0
+
+
+def _failures(exc) -> str:
+    """Each failed rank's exit code, and the messages the workers left (ranks that said the
+    same thing grouped), from a ``ChildFailedError``."""
+    codes = "; ".join(f"rank {r}: exit code {f.exitcode}" for r, f in sorted(exc.failures.items()))
+    said: dict[str, list[int]] = {}
+    for rank, failure in sorted(exc.failures.items()):
+        message = failure.message if isinstance(failure.message, str) else ""
+        if failure.exitcode > 0 and message and not message.startswith("To enable traceback"):
+            said.setdefault(message, []).append(rank)
+    if not said:
+        return f"{codes}; see the rank errors above"
+    messages = "; ".join(
+        f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))}: {m}" for m, r in said.items()
+    )
+    return f"{codes}. {messages}"
 
 
 def wait_for_endpoint(endpoint: str, timeout: float) -> None:

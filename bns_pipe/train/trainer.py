@@ -33,6 +33,7 @@ from bns_pipe.sampling import BoundarySampler, EpochSample
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
 from bns_pipe.train.distributed import DistContext, restart_count
+from bns_pipe.train.evaluation import resolve_metric, split_metric
 from bns_pipe.train.metrics import (
     TIMES,
     MetricsWriter,
@@ -89,6 +90,10 @@ class Trainer:
                 device=ctx.device,
             )
         self.multilabel, self.num_classes = part.multilabel, part.num_classes
+        self.dataset_name = str(manifest.get("dataset", {}).get("name", "custom"))
+        self.metric = resolve_metric(
+            config.metric, self.dataset_name, self.multilabel, self.num_classes
+        )
         self.num_train = int(self._sum(torch.tensor([float(part.train_mask.sum())])))
         if self.num_train == 0:
             raise PartitionError("the partition has no training nodes")
@@ -126,6 +131,8 @@ class Trainer:
             "epoch": 0,
             "best_val": -1.0,
             "test_at_best": 0.0,
+            "best_val_metric": -1.0,
+            "test_at_best_metric": 0.0,
             "epoch_times": [],
             "epoch_bytes": [],
             "peak_mem": 0,
@@ -199,7 +206,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Exact full-graph accuracy (micro-F1 if multilabel) per split, from global counts."""
+        """Exact full-graph scores per split, the same on every rank: ``<split>`` accuracy
+        (micro-F1 if multilabel) and ``<split>_metric`` (:attr:`metric`)."""
         self.model.eval()
         view = self.eval_view
         logits = self.model(view.graph, view.x, precomputed=view.precomputed)
@@ -213,7 +221,22 @@ class Trainer:
             else:
                 counts += [(logits[mask].argmax(1) == view.y[mask]).sum(), mask.sum()]
         totals = self._sum(torch.stack(counts).double().cpu())
-        return {s: float(totals[2 * i] / max(totals[2 * i + 1], 1)) for i, s in enumerate(SPLITS)}
+        scores = {s: float(totals[2 * i] / max(totals[2 * i + 1], 1)) for i, s in enumerate(SPLITS)}
+        for split in SPLITS:
+            if self.metric == ("f1" if self.multilabel else "accuracy"):
+                scores[f"{split}_metric"] = scores[split]  # the same number, counted above
+                continue
+            mask = view.masks[split]
+            scores[f"{split}_metric"] = split_metric(
+                self.metric,
+                self.dataset_name,
+                logits[mask],
+                view.y[mask],
+                view.graph.global_ids[mask],
+                self.multilabel,
+                self.ctx.reduce_group,
+            )
+        return scores
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -262,6 +285,9 @@ class Trainer:
             "final": True,
             "best_val_acc": self.state["best_val"],
             "test_acc": self.state["test_at_best"],
+            "metric": self.metric,
+            "best_val_metric": self.state.get("best_val_metric", -1.0),
+            "test_metric": self.state.get("test_at_best_metric", 0.0),
             "epochs_per_s": median_epochs_per_s(self.state["epoch_times"]),
             "world_size": ctx.world_size,
             "startup_comm_bytes": self.startup_comm_bytes,
@@ -312,10 +338,15 @@ class Trainer:
         every = self.config.eval_every
         if (every and (epoch + 1) % every == 0) or epoch + 1 == self.config.epochs:
             start = time.perf_counter()
-            acc = self.evaluate()
-            record["val_acc"], record["eval_time_s"] = acc["val"], time.perf_counter() - start
-            if acc["val"] > self.state["best_val"]:
-                self.state["best_val"], self.state["test_at_best"] = acc["val"], acc["test"]
+            scores = self.evaluate()
+            record["val_acc"], record["val_metric"] = scores["val"], scores["val_metric"]
+            record["eval_time_s"] = time.perf_counter() - start
+            state = self.state
+            if scores["val"] > state["best_val"]:
+                state["best_val"], state["test_at_best"] = scores["val"], scores["test"]
+            if scores["val_metric"] > state.setdefault("best_val_metric", -1.0):
+                state["best_val_metric"] = scores["val_metric"]
+                state["test_at_best_metric"] = scores["test_metric"]
         self.state["epoch"] = epoch + 1
         return record
 
