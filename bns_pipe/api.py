@@ -49,10 +49,11 @@ def fit(
     *,
     method: str = "metis",
     partition_seed: int = 0,
+    partition_obj: str = "cut",
     **options,
 ) -> FitResult:
     """Train on ``data`` (a PyG ``Data``) split into ``parts`` parts (``method`` "metis" or
-    "random"), one local worker per part.
+    "random"; METIS objective ``partition_obj`` "cut" or "vol"), one local worker per part.
 
     ``options`` are the :class:`~bns_pipe.train.config.TrainConfig` fields, named as there
     (``model``, ``layers``, ``hidden``, ``epochs``, ``seed``, ``sampling_rate``,
@@ -70,10 +71,19 @@ def fit(
         raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(fields)}")
     graph = validate_data(data)
     digest = content_hash(graph)
-    directory = cache_dir("partitions", f"data-{parts}-{method}-{partition_seed}-{digest[:16]}")
+    name = f"data-{parts}-{method}-{partition_obj}-{partition_seed}-{digest[:16]}"
+    directory = cache_dir("partitions", name)
     if not (directory / "manifest.json").exists():
         dataset = {"name": "python", "options": {"sha256": digest}}
-        partition(graph, parts, directory, method=method, seed=partition_seed, dataset=dataset)
+        partition(
+            graph,
+            parts,
+            directory,
+            method=method,
+            seed=partition_seed,
+            objective=partition_obj,
+            dataset=dataset,
+        )
     work = Path(tempfile.mkdtemp(prefix="bns_pipe_fit_"))
     config = TrainConfig(
         **{

@@ -15,11 +15,17 @@ from bns_pipe.errors import BnsPipeError, ConfigError
 
 def _partition_arguments(parser: argparse.ArgumentParser) -> None:
     from bns_pipe.data import add_dataset_arguments
-    from bns_pipe.partition import BALANCE_CONSTRAINTS, METHODS
+    from bns_pipe.partition import BALANCE_CONSTRAINTS, METHODS, OBJECTIVES
 
     add_dataset_arguments(parser)
     parser.add_argument("--parts", type=int, required=True, help="number of parts K (ranks)")
     parser.add_argument("--method", choices=METHODS, default="metis")
+    parser.add_argument(
+        "--partition-obj",
+        choices=tuple(OBJECTIVES),
+        default="cut",
+        help="METIS objective: cut (edge cut) or vol (communication volume = halo total)",
+    )
     parser.add_argument(
         "--balance",
         default=",".join(BALANCE_CONSTRAINTS),
@@ -45,6 +51,7 @@ def _run_partition(args: argparse.Namespace, argv: Sequence[str]) -> int:
         method=args.method,
         balance=args.balance,
         seed=args.seed,
+        objective=args.partition_obj,
         dataset=spec,
         overwrite=args.overwrite,
     )
@@ -74,13 +81,16 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_partitioning_arguments(parser: argparse.ArgumentParser) -> None:
     from bns_pipe.data import add_dataset_arguments
-    from bns_pipe.partition import METHODS
+    from bns_pipe.partition import METHODS, OBJECTIVES
 
     group = parser.add_argument_group("without --partition-dir: partition a dataset first")
     add_dataset_arguments(group)
     group.add_argument("--parts", type=int, default=1, help="number of parts K")
     group.add_argument("--nprocs", type=int, help="local worker processes (default: --parts)")
     group.add_argument("--method", choices=METHODS, default="metis", help="partition method")
+    group.add_argument(
+        "--partition-obj", choices=tuple(OBJECTIVES), default="cut", help="METIS objective"
+    )
     group.add_argument("--partition-seed", type=int, default=0)
     launch = parser.add_argument_group("launching the workers (not under torchrun)")
     launch.add_argument(
@@ -150,7 +160,7 @@ def _run_ranks(command, args, argv, config, work: Callable[[], object]) -> int:
     if config.partition_dir is None:
         spec = dataset_spec_from_args(args)
         config.partition_dir = cached_partition(
-            spec, args.parts, args.method, args.partition_seed, args.root
+            spec, args.parts, args.method, args.partition_seed, args.root, args.partition_obj
         )
         argv = [*argv, "--partition-dir", config.partition_dir]
     args.partition_dir = config.partition_dir

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bns_pipe.errors import PartitionError
-from bns_pipe.partition.assign import BALANCE_CONSTRAINTS, METHODS, assign_parts, parse_balance
+from bns_pipe.partition.assign import (
+    BALANCE_CONSTRAINTS,
+    METHODS,
+    OBJECTIVES,
+    assign_parts,
+    parse_balance,
+)
 from bns_pipe.partition.build import build_parts, global_in_csr
 from bns_pipe.partition.store import (
     MANIFEST,
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BALANCE_CONSTRAINTS",
     "METHODS",
+    "OBJECTIVES",
     "Partition",
     "format_table",
     "load_partition",
@@ -42,7 +49,9 @@ __all__ = [
     "verify_partition",
 ]
 
-_IDENTITY_KEYS = ("dataset", "num_parts", "method", "seed", "balance")
+_IDENTITY_KEYS = ("dataset", "num_parts", "method", "seed", "balance", "objective")
+# what a manifest written before a key existed holds
+_IDENTITY_DEFAULTS = {"objective": "cut"}
 
 
 def partition(
@@ -53,6 +62,7 @@ def partition(
     method: str = "metis",
     balance: str | tuple[str, ...] = BALANCE_CONSTRAINTS,
     seed: int = 0,
+    objective: str = "cut",
     dataset: dict | None = None,
     overwrite: bool = False,
     verbose: bool = True,
@@ -70,12 +80,15 @@ def partition(
         raise PartitionError(f"--parts must be an integer in [1, {n}] (nodes), got {num_parts}")
     if method not in METHODS:
         raise PartitionError(f"unknown partition method {method!r}; choose from {METHODS}")
+    if objective not in OBJECTIVES:
+        raise PartitionError(f"unknown objective {objective!r}; choose from {list(OBJECTIVES)}")
     identity = {
         "dataset": dataset or {"name": "custom", "options": {}},
         "num_parts": num_parts,
         "method": method,
         "seed": seed,
         "balance": list(parse_balance(balance)),
+        "objective": objective,
     }
     existing = _existing_partition(out, identity, overwrite)
     if existing is not None:
@@ -92,6 +105,7 @@ def partition(
         train_mask=data.train_mask,
         balance=tuple(identity["balance"]),
         seed=seed,
+        objective=objective,
     )
     del indptr, indices
     _log(
@@ -151,11 +165,11 @@ def _existing_partition(out: Path, identity: dict, overwrite: bool) -> dict | No
             raise PartitionError(f"{out} is not empty and holds no partition; choose another --out")
         return None
     manifest = read_manifest(out)
-    if all(manifest.get(key) == identity[key] for key in _IDENTITY_KEYS):
+    held = {key: manifest.get(key, _IDENTITY_DEFAULTS.get(key)) for key in _IDENTITY_KEYS}
+    if all(held[key] == identity[key] for key in _IDENTITY_KEYS):
         return verify_partition(out)
     if overwrite:
         return None
-    held = {key: manifest.get(key) for key in _IDENTITY_KEYS}
     raise PartitionError(
         f"{out} holds another partition ({held}); choose another --out or pass --overwrite"
     )

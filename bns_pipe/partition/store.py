@@ -212,7 +212,8 @@ def format_table(manifest: dict) -> str:
     lines = [
         f"dataset {dataset['name']}" + (f" ({options})" if options else ""),
         f"{manifest['num_parts']} parts by {manifest['method']} (seed {manifest['seed']}, "
-        f"balance {','.join(manifest['balance'])}); {n:,} nodes, {e:,} undirected edges",
+        f"balance {','.join(manifest['balance'])}, objective "
+        f"{manifest.get('objective', 'cut')}); {n:,} nodes, {e:,} undirected edges",
         f"edge cut {cut:,} ({100 * cut / max(e, 1):.2f}% of edges); halo total "
         f"{manifest['halo_total']:,} (replication factor {(n + manifest['halo_total']) / n:.3f})",
         "",

@@ -25,7 +25,9 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def cached_partition(spec: dict, parts: int, method: str, seed: int, root: str | None) -> str:
+def cached_partition(
+    spec: dict, parts: int, method: str, seed: int, root: str | None, objective: str = "cut"
+) -> str:
     """Partition the dataset ``spec`` into ``parts`` once; return the cached directory."""
     from bns_pipe.data import LOADER_VERSION, load_dataset_spec
     from bns_pipe.partition import BALANCE_CONSTRAINTS, partition
@@ -37,6 +39,8 @@ def cached_partition(spec: dict, parts: int, method: str, seed: int, root: str |
         "seed": seed,
         "loader": LOADER_VERSION,
     }
+    if objective != "cut":  # the default stays out of the key: earlier caches remain valid
+        identity["objective"] = objective
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     directory = (
         cache_dir("partitions")
@@ -51,6 +55,7 @@ def cached_partition(spec: dict, parts: int, method: str, seed: int, root: str |
             method=method,
             balance=BALANCE_CONSTRAINTS,
             seed=seed,
+            objective=objective,
             dataset=spec,
         )
     return str(directory)
