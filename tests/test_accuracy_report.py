@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bns_pipe.bench.accuracy import Study, accuracy
+from bns_pipe.bench.accuracy import Study, accuracy, score_of_run
 
 
 def test_study_reports_and_resumes(tmp_path: Path) -> None:
     study = Study(["synthetic"], ["single", "bns-0.1-renorm"], [0, 1], tmp_path, epochs=2)
     result = accuracy(study, progress=False)
     rows = result["table"]["synthetic"]
+    assert result["metric"] == {"synthetic": "accuracy"}
     assert set(rows) == {"single", "bns-0.1-renorm"} and rows["single"]["paired_diff"] == 0.0
     assert 0 < rows["bns-0.1-renorm"]["mean"] <= 100 and "target_met" in rows["bns-0.1-renorm"]
     table = (tmp_path / "accuracy.md").read_text()
@@ -29,3 +30,17 @@ def test_study_reports_and_resumes(tmp_path: Path) -> None:
     redone = [p.stat().st_mtime_ns != t for p, t in zip(runs, stamps, strict=True)]
     assert redone == [False, False, True, False]  # single/seed_0 only
     assert json.loads(runs[2].read_text().splitlines()[0])["config"]["epochs"] == 3
+
+
+def test_study_reads_the_runs_metric() -> None:
+    """A run with --metric rocauc is scored by its ROC-AUC; a file from before the metric
+    existed by its accuracy."""
+    epoch = {"epoch": 0, "loss": 1.0, "val_acc": 0.78, "val_metric": 0.91}
+    final = {"final": True, "test_acc": 0.78, "metric": "rocauc", "test_metric": 0.93}
+    assert score_of_run([{"header": True}, epoch, final]) == {
+        "test": 0.93,
+        "metric": "rocauc",
+        "val_curve": [0.91],
+    }
+    old = [{"epoch": 0, "val_acc": 0.7}, {"final": True, "test_acc": 0.72}]
+    assert score_of_run(old) == {"test": 0.72, "metric": "accuracy", "val_curve": [0.7]}

@@ -109,8 +109,19 @@ def run_one(study: Study, dataset: str, method: str, seed: int) -> dict:
         run_checked([*command, "--no-progress", "--metrics-jsonl", str(path)])
         made_by.write_text(json.dumps(options))
         records = _read(path)
-    curve = [r["val_acc"] for r in records if "val_acc" in r and "epoch" in r]
-    return {"test_acc": records[-1]["test_acc"], "val_curve": curve}
+    return score_of_run(records)
+
+
+def score_of_run(records: list[dict]) -> dict:
+    """A finished run's test score and validation curve in its ``--metric`` (files written
+    before the metric existed hold accuracy only)."""
+    final = records[-1]
+    curve = [r.get("val_metric", r["val_acc"]) for r in records if "val_acc" in r]
+    return {
+        "test": final.get("test_metric", final["test_acc"]),
+        "metric": final.get("metric", "accuracy"),
+        "val_curve": curve,
+    }
 
 
 def _read(path: Path) -> list[dict]:
@@ -126,10 +137,10 @@ def summarise(study: Study, found: dict) -> dict:
     """Means, stds, paired differences to single-process and the targets per dataset."""
     table = {}
     for dataset in study.datasets:
-        single = [found[dataset, "single", s]["test_acc"] * 100 for s in study.seeds]
+        single = [found[dataset, "single", s]["test"] * 100 for s in study.seeds]
         rows = {}
         for method in study.methods:
-            acc = [found[dataset, method, s]["test_acc"] * 100 for s in study.seeds]
+            acc = [found[dataset, method, s]["test"] * 100 for s in study.seeds]
             diff = [a - b for a, b in zip(acc, single, strict=True)]
             sem = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
             mean_diff = statistics.fmean(diff)
@@ -149,11 +160,12 @@ def summarise(study: Study, found: dict) -> dict:
     return table
 
 
-def markdown(study: Study, table: dict) -> str:
+def markdown(study: Study, table: dict, metrics: dict[str, str]) -> str:
     lines = [
         "# bns-pipe accuracy",
         "",
-        f"Test accuracy (%) at the best validation epoch, mean ± std over seeds "
+        f"Test score (%, the task's `--metric auto`: accuracy unless the dataset column says "
+        f"otherwise) at the best validation epoch, mean ± std over seeds "
         f"{study.seeds} (paired: the same seeds for every method); Δ = paired mean difference "
         "to single-process ± its standard error. Targets: single-process at least the "
         "published figure minus 1 point (Amazon Computers: 2); every distributed method "
@@ -164,6 +176,7 @@ def markdown(study: Study, table: dict) -> str:
     ]
     for dataset, rows in table.items():
         published = f"{PUBLISHED[dataset][0]:.1f}" if dataset in PUBLISHED else "–"
+        name = dataset if metrics[dataset] == "accuracy" else f"{dataset} ({metrics[dataset]})"
         cells = []
         for method in study.methods:
             r = rows[method]
@@ -172,7 +185,7 @@ def markdown(study: Study, table: dict) -> str:
             if method != "single":
                 cell += f" (Δ {r['paired_diff']:+.1f} ± {r['paired_sem']:.1f})"
             cells.append(cell + mark)
-        lines.append(f"| {dataset} | {published} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {published} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +206,7 @@ def plot_curves(study: Study, found: dict) -> None:
             ax.plot(range(1, length + 1), mean, label=method)
         ax.set_title(dataset)
         ax.set_xlabel("evaluation (epoch)")
-        ax.set_ylabel("validation accuracy (mean over seeds)")
+        ax.set_ylabel("validation metric (mean over seeds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(study.out / "accuracy_curves.png", dpi=110)
@@ -210,10 +223,11 @@ def accuracy(study: Study, progress: bool = True) -> dict:
     for cell in tqdm(cells, disable=not progress, unit="run"):
         found[cell] = run_one(study, *cell)
     table = summarise(study, found)
+    metrics = {d: found[d, "single", study.seeds[0]]["metric"] for d in study.datasets}
     study.out.mkdir(parents=True, exist_ok=True)
-    result = {"seeds": study.seeds, "table": table, "published": PUBLISHED}
+    result = {"seeds": study.seeds, "table": table, "metric": metrics, "published": PUBLISHED}
     (study.out / "accuracy.json").write_text(json.dumps(result, indent=1))
-    (study.out / "accuracy.md").write_text(markdown(study, table))
+    (study.out / "accuracy.md").write_text(markdown(study, table, metrics))
     plot_curves(study, found)
     return result
 
