@@ -4,9 +4,12 @@ with stand-in ``srun`` / ``scontrol`` (each "node" a local agent)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import pytest
 from bns_pipe.data import load_dataset
 from bns_pipe.partition import partition
 from tests.distributed import free_port
-from tests.test_failures import losses, train
+from tests.test_failures import _worker_pids, losses, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--no-progress", "--epochs", "4", "--dropout", "0.5", "--norm", "batch"]
@@ -36,8 +39,8 @@ def one_agent(four_parts: Path, tmp_path_factory) -> dict[int, float]:
     return losses(metrics)
 
 
-def test_two_agents_on_localhost_equal_one_agent(four_parts, one_agent, tmp_path: Path) -> None:
-    metrics = tmp_path / "m.jsonl"  # both nodes name it; global rank 0 writes it
+def start_two_agents(partition_dir: Path, *flags: str) -> list[subprocess.Popen]:
+    """Node 1, then node 0, of ``launch/two_node.sh`` on 127.0.0.1, 2 ranks each."""
     port = str(free_port())
     agents = []
     for node in ("1", "0"):
@@ -48,31 +51,65 @@ def test_two_agents_on_localhost_equal_one_agent(four_parts, one_agent, tmp_path
             "MASTER_PORT": port,
             "PYTHON": sys.executable,
         }
-        command = [
-            "bash",
-            str(ROOT / "launch/two_node.sh"),
-            str(four_parts),
-            "2",
-            *TRAIN,
-            "--timeout",
-            "60",
-            "--metrics-jsonl",
-            str(metrics),
-        ]
+        command = ["bash", str(ROOT / "launch/two_node.sh"), str(partition_dir), "2", *flags]
         agents.append(
             subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
             )
         )
+    return agents
+
+
+def finish(agents: list[subprocess.Popen]) -> list[tuple[str, str]]:
     try:
-        outputs = [agent.communicate(timeout=240) for agent in agents]
+        return [agent.communicate(timeout=240) for agent in agents]
     finally:
         for agent in agents:
             agent.kill()
+
+
+def test_two_agents_on_localhost_equal_one_agent(four_parts, one_agent, tmp_path: Path) -> None:
+    metrics = tmp_path / "m.jsonl"  # both nodes name it; global rank 0 writes it
+    agents = start_two_agents(
+        four_parts, *TRAIN, "--timeout", "60", "--metrics-jsonl", str(metrics)
+    )
+    outputs = finish(agents)
     assert [agent.returncode for agent in agents] == [0, 0], outputs
     assert losses(metrics) == one_agent
     summaries = ["best val accuracy" in out for out, _ in outputs]
     assert sorted(summaries) == [False, True]  # printed by global rank 0's node only
+
+
+def test_elastic_restart_across_two_nodes(four_parts, tmp_path: Path) -> None:
+    """A worker killed on one node: both agents restart their workers (the other node's keep
+    a restart count of 0) and every rank resumes from the shared checkpoint."""
+    flags = ["--no-progress", "--epochs", "60", "--dropout", "0.5", "--timeout", "60"]
+    full = tmp_path / "full.jsonl"
+    assert (
+        train("--partition-dir", str(four_parts), *flags, "--metrics-jsonl", str(full)).returncode
+        == 0
+    )
+    metrics = tmp_path / "m.jsonl"
+    elastic = [
+        "--max-restarts",
+        "1",
+        "--checkpoint-every",
+        "5",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
+    agents = start_two_agents(four_parts, *flags, *elastic, "--metrics-jsonl", str(metrics))
+    deadline = time.monotonic() + 120
+    while len(losses(metrics) if metrics.exists() else {}) < 12:
+        assert time.monotonic() < deadline and all(a.poll() is None for a in agents)
+        time.sleep(0.02)
+    os.kill(_worker_pids(agents[0].pid)[-1], signal.SIGKILL)
+    outputs = finish(agents)
+    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "epoch" in r] == list(range(60))
+    assert rows[-1]["restarts"] == 1 and rows[-1]["resumed_from_epoch"] >= 10
+    assert losses(metrics) == losses(full)
 
 
 def test_two_node_script_checks_its_environment(four_parts) -> None:

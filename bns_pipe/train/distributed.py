@@ -1,8 +1,12 @@
 """Process-group set-up for torchrun workers (and a one-process group otherwise).
 
-Under an elastic agent every restart of the group gets its own key space in the rendezvous
-store (``bns_pipe/attempt_<TORCHELASTIC_RESTART_COUNT>``): the agent keeps one store across
-restarts, and gloo would otherwise read the addresses the dead attempt's ranks published.
+Restarts need a fresh store: gloo publishes each rank's address there, and a restarted group
+that reads the dead attempt's addresses fails ("connectFullMesh failed ... Connection
+refused"). ``bns-pipe train`` makes torch's agent open a new store every rendezvous round
+(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, the same on every node). Under plain ``torchrun``
+the agent shares one store across restarts, so the workers join under
+``bns_pipe/attempt_<TORCHELASTIC_RESTART_COUNT>``: consistent on one node, where every worker
+restarts together (several nodes: set that variable, as the launch scripts do).
 """
 
 from __future__ import annotations
@@ -107,14 +111,16 @@ def init_distributed(
 
 
 def _store(rank: int, world: int, timeout: timedelta) -> dist.Store:
-    """The rendezvous store torchrun points at (``MASTER_ADDR``), in this attempt's key
-    space; a private in-memory store for one process without torchrun."""
+    """The rendezvous store torchrun points at (``MASTER_ADDR``; the agent's own, kept
+    across restarts, in this attempt's key space); an in-memory store without torchrun."""
     if "MASTER_ADDR" not in os.environ:
         return dist.HashStore()
     from torch.distributed.rendezvous import rendezvous
 
     store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
-    return dist.PrefixStore(f"bns_pipe/attempt_{restart_count()}", store)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # kept across restarts
+        return dist.PrefixStore(f"bns_pipe/attempt_{restart_count()}", store)
+    return store
 
 
 # What gloo, NCCL and the store say when a peer is gone or silent.

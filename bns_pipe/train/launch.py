@@ -207,6 +207,8 @@ def launch_workers(launch: Launch, worker_args: Sequence[str]) -> int:
 
     # torchrun would set OMP_NUM_THREADS=1 with a warning; share the cores instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nprocs)))
+    # a new rendezvous store every round, on every node (bns_pipe.train.distributed)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if launch.rdzv_endpoint is not None and launch.node_rank != 0:
         wait_for_endpoint(launch.rdzv_endpoint, launch.timeout)
     try:

@@ -243,7 +243,9 @@ class Trainer:
     def fit(self) -> dict:
         """Train for ``config.epochs`` epochs; returns the final metrics object (all ranks)."""
         cfg, ctx = self.config, self.ctx
-        resuming = cfg.resume or restart_count() > 0
+        # a node restarted for another node's failure keeps its own count at 0: ask every rank
+        restarts = int(self._max(torch.tensor([float(restart_count())])))
+        resuming = cfg.resume or restarts > 0
         resumed_from = self._resume() if resuming else None
         if not resuming and cfg.checkpoint_dir and checkpoint.checkpoints(cfg.checkpoint_dir):
             raise ConfigError(
@@ -294,7 +296,7 @@ class Trainer:
             "comm_bytes_per_epoch": statistics.median(self.state["epoch_bytes"] or [0]),
             "peak_mem_bytes": self.state["peak_mem"],
             "startup_mem_bytes_per_rank": self.startup_mem,
-            "restarts": restart_count(),
+            "restarts": restarts,
             "resumed_from_epoch": resumed_from,
         }
         writer.write(final)
@@ -391,6 +393,11 @@ class Trainer:
     def _sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, group=self.ctx.reduce_group)
+        return values
+
+    def _max(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.ctx.reduce_group)
         return values
 
 
