@@ -15,12 +15,14 @@ Side by side in one script, on one synthetic graph (default 100k nodes, average 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -149,7 +151,9 @@ def pyg_epochs(data, model: str, form: str, epochs: int, warmup: int) -> list[fl
     return timed(step, epochs, warmup)
 
 
-def ours_epochs(part_dir: str, model: str, epochs: int, warmup: int) -> list[float]:
+@contextlib.contextmanager
+def one_process_trainer(part_dir: str, model: str) -> Iterator[Trainer]:
+    """Our trainer for this benchmark's model on a one-part partition, in this process."""
     config = TrainConfig(
         partition_dir=part_dir,
         model=model,
@@ -161,11 +165,15 @@ def ours_epochs(part_dir: str, model: str, epochs: int, warmup: int) -> list[flo
     )
     ctx = init_distributed("gloo", "cpu", config.threads_per_rank)
     try:
-        trainer = Trainer(config, ctx)
-        counter = iter(range(10**9))
-        return timed(lambda: trainer.train_step(next(counter)), epochs, warmup)
+        yield Trainer(config, ctx)
     finally:
         shutdown()
+
+
+def ours_epochs(part_dir: str, model: str, epochs: int, warmup: int) -> list[float]:
+    with one_process_trainer(part_dir, model) as trainer:
+        counter = iter(range(10**9))
+        return timed(lambda: trainer.train_step(next(counter)), epochs, warmup)
 
 
 # -- ours on several ranks -----------------------------------------------------------------
