@@ -17,7 +17,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,13 @@ from pathlib import Path
 
 from machine import REPO, describe, finish, summary
 
-sys.path.insert(0, str(REPO))  # the killed-writer script is the test's
+sys.path.insert(0, str(REPO))  # the tests' helpers and killed-writer script
 
 from bns_pipe.data import load_dataset
 from bns_pipe.partition import partition
 from bns_pipe.train import checkpoint
+from tests.distributed import free_port
+from tests.test_failures import _worker_pids
 
 TIMEOUT = 10  # --timeout of the runs that wait on a silent peer
 MARGIN = 15  # seconds past a fault's bound that still count as ending, not hanging
@@ -86,15 +87,7 @@ class Run:
         return time.monotonic()
 
     def workers(self) -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                stat = (entry / "stat").read_text()
-            except (OSError, NotADirectoryError):
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
-                found.append(int(entry.name))
-        return sorted(found)
+        return _worker_pids(self.process.pid)
 
     def finish(self, bound: float = 300) -> tuple[int, str]:
         try:
@@ -411,12 +404,6 @@ def two_node(work: Path, parts: Path) -> dict:
         "one_agent_epochs_per_s": one[-1]["epochs_per_s"],
         "summary_printed_by_node": [i for i, (out, _) in enumerate(outputs) if "best val" in out],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def markdown(result: dict) -> str:

@@ -117,6 +117,8 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from bns_pipe.train.config import METRICS
+
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or model.pt")
     for flag in ("--partition-dir", "--backend", "--device"):
         parser.add_argument(flag, default=None)
@@ -124,7 +126,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument(
         "--metric",
-        choices=("auto", "accuracy", "rocauc", "f1"),
+        choices=METRICS,
         default=None,
         help="metric reported beside accuracy (default auto: the task's)",
     )
@@ -144,7 +146,13 @@ def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _run_ranks(command, args, argv, config, work: Callable[[], object]) -> int:
     """Run ``work`` here (under torchrun, or for one rank) or launch the workers."""
     from bns_pipe.data import dataset_spec_from_args
-    from bns_pipe.train.launch import Launch, cached_partition, launch_workers, under_torchrun
+    from bns_pipe.train.launch import (
+        SHARED_CHECKPOINTS_NEEDED,
+        Launch,
+        cached_partition,
+        launch_workers,
+        under_torchrun,
+    )
 
     if under_torchrun():
         if config.partition_dir is None:
@@ -154,9 +162,7 @@ def _run_ranks(command, args, argv, config, work: Callable[[], object]) -> int:
     if args.max_restarts < 0 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise ConfigError("need --max-restarts >= 0, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
     if args.max_restarts and args.nnodes > 1 and not getattr(config, "checkpoint_dir", None):
-        raise ConfigError(
-            "--max-restarts on several nodes needs --checkpoint-dir on a filesystem every node sees"
-        )
+        raise ConfigError(SHARED_CHECKPOINTS_NEEDED)
     if config.partition_dir is None:
         spec = dataset_spec_from_args(args)
         config.partition_dir = cached_partition(

@@ -49,14 +49,26 @@ def start(*args: str, **popen) -> subprocess.Popen:
     )
 
 
-def wait_for_epochs(
-    metrics: Path, count: int, process: subprocess.Popen, bound: float = 120
-) -> None:
-    deadline = time.monotonic() + bound
+def wait_for_epochs(metrics: Path, count: int, *processes: subprocess.Popen) -> None:
+    """Until ``metrics`` holds ``count`` epochs; fails if a process ends or 120 s pass."""
+    deadline = time.monotonic() + 120
     while len(losses(metrics) if metrics.exists() else {}) < count:
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, f"fewer than {count} epochs within {bound} s"
+        for process in processes:
+            assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, f"fewer than {count} epochs within 120 s"
         time.sleep(0.02)
+
+
+def elastic(checkpoint_dir: Path) -> list[str]:
+    """One allowed restart, resuming from checkpoints every 5 epochs."""
+    return [
+        "--max-restarts",
+        "1",
+        "--checkpoint-every",
+        "5",
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+    ]
 
 
 @pytest.mark.parametrize("mode", [[], PIPELINE_BNS], ids=["vanilla", "pipeline-bns"])
@@ -67,17 +79,7 @@ def test_elastic_restart_resumes_the_same_trajectory(parts, tmp_path: Path, mode
     full = tmp_path / "full.jsonl"
     assert train(*common, "--metrics-jsonl", str(full)).returncode == 0
     metrics = tmp_path / "m.jsonl"
-    process = start(
-        *common,
-        "--max-restarts",
-        "1",
-        "--checkpoint-every",
-        "5",
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--metrics-jsonl",
-        str(metrics),
-    )
+    process = start(*common, *elastic(tmp_path / "ckpt"), "--metrics-jsonl", str(metrics))
     try:
         wait_for_epochs(metrics, 12, process)
         os.kill(_worker_pids(process.pid)[-1], signal.SIGKILL)

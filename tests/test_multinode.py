@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from bns_pipe.data import load_dataset
 from bns_pipe.partition import partition
 from tests.distributed import free_port
 from tests.test_failures import _worker_pids, losses, train
+from tests.test_faults import elastic, wait_for_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--no-progress", "--epochs", "4", "--dropout", "0.5", "--norm", "batch"]
@@ -90,19 +90,9 @@ def test_elastic_restart_across_two_nodes(four_parts, tmp_path: Path) -> None:
         == 0
     )
     metrics = tmp_path / "m.jsonl"
-    elastic = [
-        "--max-restarts",
-        "1",
-        "--checkpoint-every",
-        "5",
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-    ]
-    agents = start_two_agents(four_parts, *flags, *elastic, "--metrics-jsonl", str(metrics))
-    deadline = time.monotonic() + 120
-    while len(losses(metrics) if metrics.exists() else {}) < 12:
-        assert time.monotonic() < deadline and all(a.poll() is None for a in agents)
-        time.sleep(0.02)
+    restartable = elastic(tmp_path / "ckpt")
+    agents = start_two_agents(four_parts, *flags, *restartable, "--metrics-jsonl", str(metrics))
+    wait_for_epochs(metrics, 12, *agents)
     os.kill(_worker_pids(agents[0].pid)[-1], signal.SIGKILL)
     outputs = finish(agents)
     assert [agent.returncode for agent in agents] == [0, 0], outputs

@@ -39,6 +39,7 @@ from bns_pipe.train.distributed import DistContext
 PREFIX = "epoch_"
 RECORD = "checkpoint.json"
 MODEL = "model.pt"
+ENTRY = 33  # a file in the write table: its size, then the 32 bytes of its SHA-256
 
 
 class CheckpointError(BnsPipeError):
@@ -89,13 +90,14 @@ def save(
         }
     # per rank: error (errno, -1 without one; 0: none), then (size, 32 digest bytes) of its
     # shard and of model.pt
-    table = torch.zeros(ctx.world_size, 1 + 2 * 33, dtype=torch.int64)
+    table = torch.zeros(ctx.world_size, 1 + 2 * ENTRY, dtype=torch.int64)
     error = None
     try:
         for slot, (name, blob) in enumerate(files.items()):
             size, digest = _write(tmp / name, blob)
-            table[ctx.rank, 1 + 33 * slot] = size
-            table[ctx.rank, 2 + 33 * slot : 34 + 33 * slot] = torch.tensor(list(digest))
+            at = 1 + ENTRY * slot
+            table[ctx.rank, at] = size
+            table[ctx.rank, at + 1 : at + ENTRY] = torch.tensor(list(digest))
     except Exception as exc:  # a full disk, a size limit, a vanished directory
         error = str(exc)
         table[ctx.rank, 0] = getattr(exc, "errno", None) or -1  # so every rank can say why
@@ -146,7 +148,7 @@ def _publish(tmp: Path, final: Path, table: torch.Tensor, world_size: int, epoch
     for rank in range(world_size):
         names = [shard_name(rank)] + ([MODEL] if rank == 0 else [])
         for slot, name in enumerate(names):
-            row = table[rank, 1 + 33 * slot : 34 + 33 * slot]
+            row = table[rank, 1 + ENTRY * slot : 1 + ENTRY * (slot + 1)]
             files[name] = {"bytes": int(row[0]), "sha256": bytes(row[1:].tolist()).hex()}
     record = {"epoch": epoch, "world_size": world_size, "files": files}
     with open(tmp / RECORD, "w") as f:
@@ -196,6 +198,17 @@ def checkpoints(directory: str | Path) -> list[Path]:
 def newest_name(directory: str | Path) -> str | None:
     found = checkpoints(directory)
     return found[-1].name if found else None
+
+
+def refuse_used(directory: str | Path) -> None:
+    """A fresh run must not share ``directory`` with checkpoints of another run: a restart
+    would resume the newest of them."""
+    if checkpoints(directory):
+        raise CheckpointError(
+            f"--checkpoint-dir {directory} already holds checkpoints (newest "
+            f"{newest_name(directory)}); pass --resume to continue from them, or use another "
+            "directory"
+        )
 
 
 def problem(path: Path) -> str | None:
@@ -277,4 +290,6 @@ def load_latest(
     model.load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(shard["rng_cpu"])
+    if ctx.is_main:
+        print(f"bns-pipe: resuming from {directory} at epoch {record['epoch']}", file=sys.stderr)
     return blob["state"], shard.get("rank_state", {})

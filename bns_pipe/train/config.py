@@ -14,6 +14,8 @@ from pathlib import Path
 
 from bns_pipe.errors import ConfigError
 
+METRICS = ("auto", "accuracy", "rocauc", "f1")  # --metric (bns_pipe.train.evaluation)
+
 
 @dataclass
 class TrainConfig:
@@ -64,10 +66,7 @@ class TrainConfig:
             (self.weight_decay >= 0, "--weight-decay must be non-negative"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.eval_every >= 0, "--eval-every must be non-negative (0: never)"),
-            (
-                self.metric in ("auto", "accuracy", "rocauc", "f1"),
-                "--metric must be auto, accuracy, rocauc or f1",
-            ),
+            (self.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
             (self.keep_checkpoints >= 0, "--keep-checkpoints must be non-negative (0: all)"),
             (self.timeout > 0, "--timeout must be positive"),

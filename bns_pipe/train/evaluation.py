@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 
 from bns_pipe.errors import ConfigError
-
-METRICS = ("auto", "accuracy", "rocauc", "f1")
+from bns_pipe.train.config import METRICS
 
 
 def resolve_metric(requested: str, dataset: str, multilabel: bool, num_classes: int) -> str:
@@ -78,36 +77,40 @@ def split_metric(
     return float(evaluator.eval({"y_true": y_true.cpu(), "y_pred": y_pred.cpu()})[metric])
 
 
+def accuracy_counts(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """[numerator, denominator] of accuracy, summable over ranks: correct and total; for
+    multilabel tasks micro-F1's 2·TP and 2·TP + FP + FN."""
+    if multilabel:
+        pred, true = logits > 0, y > 0
+        tp = (pred & true).sum()
+        return torch.stack([2 * tp, 2 * tp + (pred & ~true).sum() + (~pred & true).sum()])
+    total = torch.tensor(y.size(0), device=y.device)
+    return torch.stack([(logits.argmax(1) == y).sum(), total])
+
+
 def _from_counts(
     metric: str, logits: torch.Tensor, y: torch.Tensor, multilabel: bool, group
 ) -> float:
-    if multilabel:
-        pred, true = logits > 0, y > 0
-        counts = torch.stack([(pred & true).sum(), (pred & ~true).sum(), (~pred & true).sum()])
-    elif metric == "accuracy":
-        counts = torch.stack([(logits.argmax(1) == y).sum(), torch.tensor(y.numel())])
-    else:  # per class: TP, FP, FN
+    if metric == "accuracy" or multilabel:  # multilabel f1 is micro-F1: the same counts
+        counts = accuracy_counts(logits, y, multilabel).double().cpu()
+    else:  # macro-F1: per class TP, FP, FN
         classes = logits.size(1)
         pred = logits.argmax(1)
         tp = torch.bincount(y[pred == y], minlength=classes)
-        counts = torch.stack(
-            [
-                tp,
-                torch.bincount(pred, minlength=classes) - tp,
-                torch.bincount(y, minlength=classes) - tp,
-            ]
+        fp, fn = (
+            torch.bincount(pred, minlength=classes) - tp,
+            torch.bincount(y, minlength=classes) - tp,
         )
-    counts = counts.double().cpu()
+        counts = torch.stack([tp, fp, fn]).double().cpu()
     if dist.is_initialized():
         dist.all_reduce(counts, group=group)
-    if metric == "accuracy" and not multilabel:
+    if metric == "accuracy" or multilabel:
         return float(counts[0] / counts[1].clamp_min(1))
     tp, fp, fn = counts
-    seen = (2 * tp + fp + fn).reshape(-1) > 0  # classes true or predicted somewhere
+    seen = 2 * tp + fp + fn > 0  # classes true or predicted somewhere
     if not seen.any():
         return 0.0
-    f1 = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).reshape(-1)
-    return float(f1[seen].mean())  # macro over those classes (scikit-learn's); micro: one
+    return float((2 * tp / (2 * tp + fp + fn).clamp_min(1))[seen].mean())  # scikit-learn's
 
 
 def _gather_sorted(ids: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, group):

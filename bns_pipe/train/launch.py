@@ -20,6 +20,10 @@ from bns_pipe.errors import BnsPipeError, ConfigError
 from bns_pipe.paths import cache_dir
 from bns_pipe.train.config import TrainConfig
 
+SHARED_CHECKPOINTS_NEEDED = (
+    "--max-restarts on several nodes needs --checkpoint-dir on a filesystem every node sees"
+)
+
 
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
@@ -101,10 +105,7 @@ def elastic_defaults(config: TrainConfig, rank: int, world: int, local_world: in
     notes = []
     if config.checkpoint_dir is None:
         if world != local_world:
-            raise ConfigError(
-                "--max-restarts on several nodes needs --checkpoint-dir on a filesystem "
-                "every node sees"
-            )
+            raise ConfigError(SHARED_CHECKPOINTS_NEEDED)
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
         config.checkpoint_dir = str(cache_dir("checkpoints", run_id))
         notes.append(f"checkpoints go to {config.checkpoint_dir}")

@@ -15,7 +15,6 @@ import dataclasses
 import math
 import signal
 import statistics
-import sys
 import time
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from bns_pipe.comm.pipeline import HaloPipeline
 from bns_pipe.comm.reducer import GradReducer
-from bns_pipe.errors import BnsPipeError, ConfigError, PartitionError
+from bns_pipe.errors import BnsPipeError, PartitionError
 from bns_pipe.hooks import ByteCounter, build_hook
 from bns_pipe.nn.features import wants_sparse
 from bns_pipe.nn.model import GNN
@@ -33,7 +32,7 @@ from bns_pipe.sampling import BoundarySampler, EpochSample
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
 from bns_pipe.train.distributed import DistContext, restart_count
-from bns_pipe.train.evaluation import resolve_metric, split_metric
+from bns_pipe.train.evaluation import accuracy_counts, resolve_metric, split_metric
 from bns_pipe.train.metrics import (
     TIMES,
     MetricsWriter,
@@ -211,30 +210,25 @@ class Trainer:
         self.model.eval()
         view = self.eval_view
         logits = self.model(view.graph, view.x, precomputed=view.precomputed)
-        counts = []
+        masks = [view.masks[split] for split in SPLITS]
+        counts = [accuracy_counts(logits[m], view.y[m], self.multilabel) for m in masks]
+        totals = self._sum(torch.stack(counts).double().cpu())  # (split, [num, den])
+        scores = {s: float(totals[i, 0] / max(totals[i, 1], 1)) for i, s in enumerate(SPLITS)}
+        counted = self.metric == ("f1" if self.multilabel else "accuracy")  # the same number
         for split in SPLITS:
             mask = view.masks[split]
-            if self.multilabel:
-                pred, true = logits[mask] > 0, view.y[mask] > 0
-                tp = (pred & true).sum()
-                counts += [2 * tp, 2 * tp + (pred & ~true).sum() + (~pred & true).sum()]
-            else:
-                counts += [(logits[mask].argmax(1) == view.y[mask]).sum(), mask.sum()]
-        totals = self._sum(torch.stack(counts).double().cpu())
-        scores = {s: float(totals[2 * i] / max(totals[2 * i + 1], 1)) for i, s in enumerate(SPLITS)}
-        for split in SPLITS:
-            if self.metric == ("f1" if self.multilabel else "accuracy"):
-                scores[f"{split}_metric"] = scores[split]  # the same number, counted above
-                continue
-            mask = view.masks[split]
-            scores[f"{split}_metric"] = split_metric(
-                self.metric,
-                self.dataset_name,
-                logits[mask],
-                view.y[mask],
-                view.graph.global_ids[mask],
-                self.multilabel,
-                self.ctx.reduce_group,
+            scores[f"{split}_metric"] = (
+                scores[split]
+                if counted
+                else split_metric(
+                    self.metric,
+                    self.dataset_name,
+                    logits[mask],
+                    view.y[mask],
+                    view.graph.global_ids[mask],
+                    self.multilabel,
+                    self.ctx.reduce_group,
+                )
             )
         return scores
 
@@ -244,15 +238,13 @@ class Trainer:
         """Train for ``config.epochs`` epochs; returns the final metrics object (all ranks)."""
         cfg, ctx = self.config, self.ctx
         # a node restarted for another node's failure keeps its own count at 0: ask every rank
-        restarts = int(self._max(torch.tensor([float(restart_count())])))
+        counts = torch.tensor([restart_count()])
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=ctx.reduce_group)
+        restarts = int(counts)
         resuming = cfg.resume or restarts > 0
         resumed_from = self._resume() if resuming else None
-        if not resuming and cfg.checkpoint_dir and checkpoint.checkpoints(cfg.checkpoint_dir):
-            raise ConfigError(
-                f"--checkpoint-dir {cfg.checkpoint_dir} already holds checkpoints (newest "
-                f"{checkpoint.newest_name(cfg.checkpoint_dir)}); pass --resume to continue "
-                "from them, or use another directory"
-            )
+        if not resuming and cfg.checkpoint_dir:
+            checkpoint.refuse_used(cfg.checkpoint_dir)
         path = cfg.metrics_jsonl if ctx.is_main else None
         writer = MetricsWriter(path, keep_before=self.state["epoch"] if resuming else None)
         if not writer.has_header:
@@ -288,8 +280,8 @@ class Trainer:
             "best_val_acc": self.state["best_val"],
             "test_acc": self.state["test_at_best"],
             "metric": self.metric,
-            "best_val_metric": self.state.get("best_val_metric", -1.0),
-            "test_metric": self.state.get("test_at_best_metric", 0.0),
+            "best_val_metric": self.state["best_val_metric"],
+            "test_metric": self.state["test_at_best_metric"],
             "epochs_per_s": median_epochs_per_s(self.state["epoch_times"]),
             "world_size": ctx.world_size,
             "startup_comm_bytes": self.startup_comm_bytes,
@@ -346,7 +338,7 @@ class Trainer:
             state = self.state
             if scores["val"] > state["best_val"]:
                 state["best_val"], state["test_at_best"] = scores["val"], scores["test"]
-            if scores["val_metric"] > state.setdefault("best_val_metric", -1.0):
+            if scores["val_metric"] > state["best_val_metric"]:
                 state["best_val_metric"] = scores["val_metric"]
                 state["test_at_best_metric"] = scores["test_metric"]
         self.state["epoch"] = epoch + 1
@@ -371,15 +363,11 @@ class Trainer:
         )
         if found is None:
             return None
-        self.state, rank_state = found
+        state, rank_state = found
+        # a checkpoint written before --metric existed lacks its keys
+        self.state = {"best_val_metric": -1.0, "test_at_best_metric": 0.0, **state}
         if self.pipeline is not None:
             self.pipeline.load_state_dict(rank_state)
-        if self.ctx.is_main:
-            print(
-                f"bns-pipe: resuming from {self.config.checkpoint_dir} at epoch "
-                f"{self.state['epoch']}",
-                file=sys.stderr,
-            )
         return int(self.state["epoch"])
 
     def _sparse_input(self, part: Partition) -> bool:
@@ -393,11 +381,6 @@ class Trainer:
     def _sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, group=self.ctx.reduce_group)
-        return values
-
-    def _max(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.ctx.reduce_group)
         return values
 
 
