@@ -134,8 +134,9 @@ def to_toml(values: dict) -> str:
 
 
 class PygGNN(nn.Module):
-    """Our GNN built from ``torch_geometric.nn`` layers: ``GCNConv`` / ``SAGEConv``, with
-    ``LayerNorm`` / ``BatchNorm`` and ReLU between them and dropout before each.
+    """Our GNN built from ``torch_geometric.nn`` layers: ``GCNConv`` / ``SAGEConv`` /
+    ``GATConv`` (``heads`` concatenated heads per hidden layer, one at the output), with
+    ``LayerNorm`` / ``BatchNorm`` and ReLU (ELU for GAT) between them and dropout before each.
 
     ``forward(x, edge_index)``: x (N, in_dim), edge_index (2, E) as the loaders give it
     (symmetric, no self-loops) → logits (N, out_dim). With ``normalize_features`` each row of
@@ -146,15 +147,25 @@ class PygGNN(nn.Module):
         super().__init__()
         import torch_geometric.nn as pyg
 
-        conv = {"gcn": pyg.GCNConv, "sage": pyg.SAGEConv}[config["model"]]
+        self.dropout = float(config["dropout"])
+        self.attention = config["model"] == "gat"
+        if self.attention:
+            heads = int(config.get("heads", 1))
+            options = {"dropout": self.dropout}
+            self.convs = nn.ModuleList(
+                pyg.GATConv(a, b // heads, heads=heads, **options)
+                for a, b in itertools.pairwise(dims[:-1])
+            )
+            self.convs.append(pyg.GATConv(dims[-2], dims[-1], concat=False, **options))
+        else:
+            conv = {"gcn": pyg.GCNConv, "sage": pyg.SAGEConv}[config["model"]]
+            self.convs = nn.ModuleList(conv(a, b) for a, b in itertools.pairwise(dims))
         norm = {
             "none": lambda d: nn.Identity(),
             "layer": lambda d: pyg.LayerNorm(d, mode="node"),  # nn.LayerNorm's math
             "batch": pyg.BatchNorm,
         }
-        self.convs = nn.ModuleList(conv(a, b) for a, b in itertools.pairwise(dims))
         self.norms = nn.ModuleList(norm[config["norm"]](d) for d in dims[1:-1])
-        self.dropout = float(config["dropout"])
         self.normalize_features = bool(config.get("normalize_features", False))
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
@@ -163,7 +174,8 @@ class PygGNN(nn.Module):
         for layer, conv in enumerate(self.convs):
             x = conv(nn.functional.dropout(x, self.dropout, self.training), edge_index)
             if layer < len(self.norms):
-                x = torch.relu(self.norms[layer](x))
+                x = self.norms[layer](x)
+                x = nn.functional.elu(x) if self.attention else torch.relu(x)
         return x
 
 
@@ -175,7 +187,7 @@ def load_model(checkpoint: str | Path) -> nn.Module:
     blob = read_model_file(checkpoint)
     config, state = blob["config"], blob["model"]
     layers = int(config["layers"])
-    lin = "lin" if config["model"] == "gcn" else "lin_l"
+    lin = "lin_l" if config["model"] == "sage" else "lin"
     weights = [state[f"convs.{i}.{lin}.weight"] for i in range(layers)]
     dims = [int(weights[0].shape[1])] + [int(w.shape[0]) for w in weights]
     model = PygGNN(config, dims).to(weights[0].dtype)

@@ -11,6 +11,11 @@ The local CSR is split by columns into an inner block (n_inner, n_inner) and a h
 while it is in flight, then adds the halo block; backward mirrors it. The halo rows come
 from a *transport*: the synchronous :class:`~bns_pipe.comm.halo.HaloExchange`, or during
 pipelined training the one-epoch-stale :class:`~bns_pipe.comm.pipeline.HaloPipeline`.
+
+Attention layers (GAT) weigh edges by their endpoints, so they take the unweighted local
+pattern over the columns ``[inner | halo rows in use]`` (:meth:`attention_pattern`) and fetch
+the halo rows of their transformed features themselves (:meth:`with_halo`), through the same
+transport; under BNS the pattern keeps the sampled halo columns only.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from bns_pipe.comm.halo import HaloExchange
 from bns_pipe.comm.pipeline import HaloPipeline
 from bns_pipe.partition import Partition
-from bns_pipe.sampling import EpochSample, filter_halo_block
+from bns_pipe.sampling import EpochSample, filter_columns, filter_halo_block
 from bns_pipe.sparse import CSR, spmm
 
 AGGREGATIONS = ("gcn", "mean")
@@ -43,6 +48,7 @@ class LocalGraph:
     ) -> None:
         self.n_inner, self.n_halo = part.n_inner, part.n_halo
         self.global_ids = part.inner_global_ids.to(device)
+        self.halo_global_ids = part.halo_global_ids.to(device)
         self.exchange = exchange
         self.transport: HaloExchange | HaloPipeline | None = exchange
         degree = part.in_degree.to(torch.float64)
@@ -53,6 +59,7 @@ class LocalGraph:
             "mean": 1.0 / degree[rows],
         }
         n_local = self.n_inner + self.n_halo
+        self.pattern = CSR(part.indptr, part.indices, None, n_local).to(device)
         self.blocks: dict[str, tuple[CSR, CSR]] = {}
         for kind, vals in values.items():
             full = CSR(part.indptr, part.indices, vals.to(dtype), n_local)
@@ -63,6 +70,7 @@ class LocalGraph:
         self.self_weight = (1.0 / (degree[: self.n_inner] + 1)).to(device, dtype).unsqueeze(1)
         self.sample: EpochSample | None = None
         self.sampled_blocks: dict[str, CSR] = {}
+        self.sampled_pattern: tuple[CSR, torch.Tensor] | None = None
         self.row_scale: torch.Tensor | None = None
         self.norm, self.sample_scale, self.filter_s = "unbiased", 1.0, 0.0
 
@@ -76,6 +84,7 @@ class LocalGraph:
         ``d_i / d̃_i``, its degree over its sampled degree. ``None`` restores the full graph.
         """
         self.sample, self.sampled_blocks, self.row_scale = sample, {}, None
+        self.sampled_pattern = None
         if self.exchange is None:
             return
         self.exchange.use_plan(sample)
@@ -112,6 +121,27 @@ class LocalGraph:
             self.filter_s += time.perf_counter() - start
         return self.sampled_blocks[kind]
 
+    def attention_pattern(self) -> tuple[CSR, torch.Tensor]:
+        """The unweighted in-edges (n_inner, n_inner + n_kept_halo) over the columns ``[inner |
+        halo rows in use]``, and those columns' global ids (n_inner + n_kept_halo,)."""
+        if self.sample is None:
+            return self.pattern, torch.cat([self.global_ids, self.halo_global_ids])
+        if self.sampled_pattern is None:
+            start = time.perf_counter()
+            halo_keep = self.sample.halo_keep
+            keep = torch.cat([halo_keep.new_ones(self.n_inner), halo_keep])
+            columns = torch.cat([self.global_ids, self.halo_global_ids[halo_keep]])
+            self.sampled_pattern = filter_columns(self.pattern, keep), columns
+            self.filter_s += time.perf_counter() - start
+        return self.sampled_pattern
+
+    def with_halo(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """``[x | x_halo]``: x (n_inner, F) and below it the halo rows in use (n_kept_halo, F),
+        fetched from their owners; differentiable (halo gradients return to the owners)."""
+        if self.exchange is None:
+            return x
+        return _HaloRows.apply(x, self.transport, layer)
+
     def aggregate(self, x: torch.Tensor, kind: str, layer: int) -> torch.Tensor:
         """``A x`` for inner rows: x (n_inner, F) → (n_inner, F), halo rows fetched from peers."""
         inner = self.blocks[kind][0]
@@ -147,3 +177,22 @@ class _DistributedSpmm(torch.autograd.Function):
         grad_x = spmm(inner.transpose(), grad_out)
         ctx.transport.add_returned_gradients(sent, ctx.layer, grad_x)
         return grad_x, None, None, None, None
+
+
+class _HaloRows(torch.autograd.Function):
+    """``[x | x_halo]``; backward sends the halo rows' gradients to their owners and adds
+    the gradients returned for this rank's sent rows."""
+
+    @staticmethod
+    def forward(ctx, x, transport: HaloExchange | HaloPipeline, layer):
+        sent = transport.send_features(x.detach(), layer)
+        ctx.transport, ctx.layer, ctx.n_inner = transport, layer, x.shape[0]
+        return torch.cat([x.detach(), transport.halo_features(sent, layer)])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_halo = grad_out[ctx.n_inner :].contiguous()
+        sent = ctx.transport.send_gradients(grad_halo, ctx.layer)
+        grad_x = grad_out[: ctx.n_inner].clone()
+        ctx.transport.add_returned_gradients(sent, ctx.layer, grad_x)
+        return grad_x, None, None

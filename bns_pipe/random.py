@@ -30,7 +30,7 @@ from torch import Tensor
 
 from bns_pipe import _ext
 
-__all__ = ["keep_mask", "mix", "stream_key", "uniform"]
+__all__ = ["keep_mask", "mix", "mix_tensor", "stream_key", "uniform"]
 
 MASK64 = (1 << 64) - 1
 GAMMA = 0x9E3779B97F4A7C15
@@ -83,13 +83,18 @@ def _shr(z: Tensor, s: int) -> Tensor:
     return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
 
 
-def _bits_torch(key: int, counters: Tensor) -> Tensor:
-    """``bits(key, c)`` for every counter, as int64 in [0, 2^24), with int64 tensor ops."""
-    z = counters.bitwise_xor(to_int64(key)).add_(to_int64(GAMMA))
+def mix_tensor(z: Tensor) -> Tensor:
+    """``mix`` of every element of int64 ``z`` (read as uint64), with int64 tensor ops; the
+    result's bits are the uint64 value."""
+    z = z.add(to_int64(GAMMA))
     z.bitwise_xor_(_shr(z, 30)).mul_(to_int64(MUL1))
     z.bitwise_xor_(_shr(z, 27)).mul_(to_int64(MUL2))
-    z.bitwise_xor_(_shr(z, 31))
-    return _shr(z, 64 - BITS)
+    return z.bitwise_xor_(_shr(z, 31))
+
+
+def _bits_torch(key: int, counters: Tensor) -> Tensor:
+    """``bits(key, c)`` for every counter, as int64 in [0, 2^24), with int64 tensor ops."""
+    return _shr(mix_tensor(counters.bitwise_xor(to_int64(key))), 64 - BITS)
 
 
 def has_ext_kernel(op: str, device: torch.device) -> bool:

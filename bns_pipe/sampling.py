@@ -39,6 +39,7 @@ __all__ = [
     "SAMPLING_STREAM",
     "BoundarySampler",
     "EpochSample",
+    "filter_columns",
     "filter_halo_block",
     "full_sample",
     "pack_rows",
@@ -117,6 +118,12 @@ def _filter(A: CSR, keep: Tensor, scale: float, by: str) -> CSR:
     return CSR(
         indptr, indices, None if values is None else _scaled(values[entry_keep], scale), n_cols
     )
+
+
+def filter_columns(A: CSR, keep: Tensor) -> CSR:
+    """``A[:, keep]``, kept columns renumbered to ``[0, n_kept)`` in order (bool keep
+    (n_cols,)); e.g. a GAT layer's local pattern restricted to the sampled halo."""
+    return _filter(A, keep, 1.0, "columns")
 
 
 def filter_halo_block(halo: CSR, halo_t: CSR, col_keep: Tensor, scale: float) -> tuple[CSR, CSR]:

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "counter_hash.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -30,17 +32,6 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;
 // 2^-24: bits * kInv24 is exact in float32.
 constexpr float kInv24 = 1.0f / 16777216.0f;
-
-inline uint64_t mix(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-inline int64_t bits(uint64_t key, uint64_t counter) {
-  return static_cast<int64_t>(mix(key ^ counter) >> 40);
-}
 
 // v if keep, else +0, by masking the bits: a data-dependent branch on a random bit would be
 // mispredicted half the time, and this is several times faster.

@@ -108,8 +108,9 @@ def small_graph():
         {"model": "sage", "norm": "layer", "layers": 3},
         {"model": "gcn", "norm": "batch", "layers": 3, "normalize_features": True},
         {"model": "sage", "norm": "batch", "layers": 2, "use_pp": True},
+        {"model": "gat", "heads": 2, "norm": "layer", "layers": 3},
     ],
-    ids=["gcn", "sage-layer", "gcn-batch-normalized", "sage-batch-pp"],
+    ids=["gcn", "sage-layer", "gcn-batch-normalized", "sage-batch-pp", "gat-layer"],
 )
 def test_load_model_logits_equal_our_evaluation(small_graph, tmp_path: Path, options) -> None:
     """One rank trains a few epochs; the PyG model from its checkpoint gives the logits of

@@ -1,4 +1,5 @@
-"""BNS in training: p = 1 is exactly vanilla, p = 0 drops the halo, bad p is rejected."""
+"""BNS in training: p = 1 is exactly vanilla (GCN, SAGE, GAT), p = 0 drops the halo, bad p is
+rejected."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ CASES = [
     {"model": "sage", "sampling_rate": 1.0, "bns_norm": "renorm"},
     {"model": "gcn", "sampling_rate": 0.0, **SMALL},
     {"model": "gcn", "sampling_rate": 0.3},
+    {"model": "gat", "heads": 2, "sampling_rate": 1.0},
 ]
 
 
@@ -27,7 +29,7 @@ def bns_runs(tmp_path_factory) -> dict[str, list[dict]]:
     return run_world(2, [("synthetic", c) for c in CASES], tmp_path_factory.mktemp("bns"))
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 4])
 def test_rate_one_is_exactly_vanilla(bns_runs, index: int) -> None:
     check_against_reference(
         gold_dataset("synthetic"), bns_runs[f"synthetic/{index}"], **CASES[index]

@@ -1,9 +1,9 @@
 """The gold test: distributed training equals single-process full-graph training.
 
-For world sizes 1, 2 and 4, on Cora and a synthetic graph, GCN and SAGE with LayerNorm:
-the logits and weight gradients of the first step equal those of a single-process model
-built from PyG's own ``GCNConv``/``SAGEConv`` with the same initial weights, and the losses of
-five Adam epochs agree. Computed in float64 so the tolerance is tight.
+For world sizes 1, 2 and 4, on Cora and a synthetic graph, GCN, SAGE and GAT (4 heads) with
+LayerNorm: the logits and weight gradients of the first step equal those of a single-process
+model built from PyG's own ``GCNConv``/``SAGEConv``/``GATConv`` with the same initial weights,
+and the losses of five Adam epochs agree. Computed in float64 so the tolerance is tight.
 """
 
 from __future__ import annotations
@@ -32,17 +32,24 @@ BASE = {"layers": 3, "hidden": 16, "norm": "layer", "dropout": 0.0, "lr": 0.01, 
 class ReferenceGNN(nn.Module):
     """The same architecture from PyG layers, parameter names matching ``bns_pipe.nn.GNN``."""
 
-    def __init__(self, model: str, dims: list[int]) -> None:
+    def __init__(self, model: str, dims: list[int], heads: int = 1) -> None:
         super().__init__()
-        conv = pyg.GCNConv if model == "gcn" else pyg.SAGEConv
-        self.convs = nn.ModuleList(conv(a, b) for a, b in itertools.pairwise(dims))
+        if model == "gat":  # heads concatenated in hidden layers, one head at the output
+            self.convs = nn.ModuleList(
+                pyg.GATConv(a, b // heads, heads=heads) for a, b in itertools.pairwise(dims[:-1])
+            )
+            self.convs.append(pyg.GATConv(dims[-2], dims[-1], concat=False))
+        else:
+            conv = pyg.GCNConv if model == "gcn" else pyg.SAGEConv
+            self.convs = nn.ModuleList(conv(a, b) for a, b in itertools.pairwise(dims))
         self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims[1:-1])
+        self.activation = F.elu if model == "gat" else torch.relu
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
             x = conv(x, edge_index)
             if i < len(self.norms):
-                x = torch.relu(self.norms[i](x))
+                x = self.activation(self.norms[i](x))
         return x
 
 
@@ -104,7 +111,14 @@ def run_world(world: int, cases: list[tuple[str, dict]], tmp: Path) -> dict[str,
 
 
 def reference_run(
-    data, model: str, layers: int, hidden: int, init: dict, lr: float, inductive: bool = False
+    data,
+    model: str,
+    layers: int,
+    hidden: int,
+    init: dict,
+    lr: float,
+    inductive: bool = False,
+    heads: int = 1,
 ):
     """Single-process full-graph training with PyG layers.
 
@@ -112,7 +126,7 @@ def reference_run(
     full graph after training. ``inductive`` trains on the subgraph induced by training nodes.
     """
     dims = [data.x.size(1)] + [hidden] * (layers - 1) + [data.num_classes]
-    ref = ReferenceGNN(model, dims).double()
+    ref = ReferenceGNN(model, dims, heads).double()
     ref.load_state_dict(init)
     optimizer = torch.optim.Adam(ref.parameters(), lr=lr)
     x, y, mask, edge_index = data.x.double(), data.y, data.train_mask, data.edge_index
@@ -135,12 +149,14 @@ def reference_run(
 
 
 def initial_state(
-    data, model: str, layers: int, hidden: int, seed: int, norm: str = "layer"
+    data, model: str, layers: int, hidden: int, seed: int, norm: str = "layer", heads: int = 1
 ) -> dict:
     from bns_pipe.nn.model import GNN
 
     torch.manual_seed(seed)
-    gnn = GNN(data.x.size(1), hidden, data.num_classes, layers=layers, conv=model, norm=norm)
+    gnn = GNN(
+        data.x.size(1), hidden, data.num_classes, layers=layers, conv=model, norm=norm, heads=heads
+    )
     return {k: v.double() for k, v in gnn.state_dict().items()}
 
 
@@ -156,7 +172,8 @@ def gold_dataset(name: str):
     return data
 
 
-CASES = [(name, {"model": model}) for name in ("cora", "synthetic") for model in ("gcn", "sage")]
+MODELS = [{"model": "gcn"}, {"model": "sage"}, {"model": "gat", "heads": 4}]
+CASES = [(name, options) for name in ("cora", "synthetic") for options in MODELS]
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
@@ -185,13 +202,13 @@ def test_distributed_equals_single_process(gold_world, index: int) -> None:
 
 
 def check_against_reference(
-    data, results: list[dict], model: str, inductive: bool = False, **unused
+    data, results: list[dict], model: str, inductive: bool = False, heads: int = 1, **unused
 ) -> None:
     """Compare every rank's outputs with the single-process PyG run, to float64 precision."""
     layers, hidden, lr, seed = BASE["layers"], BASE["hidden"], BASE["lr"], BASE["seed"]
-    init = initial_state(data, model, layers, hidden, seed)
+    init = initial_state(data, model, layers, hidden, seed, heads=heads)
     logits, grads, losses, eval_logits = reference_run(
-        data, model, layers, hidden, init, lr, inductive
+        data, model, layers, hidden, init, lr, inductive, heads
     )
     train_ids = data.train_mask.nonzero().squeeze(1) if inductive else None
     for r in results:

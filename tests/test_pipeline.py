@@ -117,9 +117,15 @@ def _global(parts, values: dict, name: str, t: int, layer: int, n: int) -> torch
 
 
 @pytest.mark.parametrize(
-    ("world", "rate"), [(2, 1.0), (2, 0.5), (4, 1.0), (4, 0.5)], ids=lambda v: str(v)
+    ("world", "rate", "model"),
+    [(2, 1.0, "gcn"), (2, 0.5, "gcn"), (4, 1.0, "gcn"), (4, 0.5, "gcn"), (2, 0.5, "gat")],
+    ids=lambda v: str(v),
 )
-def test_halo_values_are_one_epoch_stale(tmp_path: Path, world: int, rate: float) -> None:
+def test_halo_values_are_one_epoch_stale(
+    tmp_path: Path, world: int, rate: float, model: str
+) -> None:
+    """GAT's halo rows are its transformed features and source logits, [z | s]: the same
+    transport, so the same staleness."""
     data, method = _graphs(world)
     partition(data, world, tmp_path / "p", method=method, verbose=False)
     parts = [load_partition(tmp_path / "p", r) for r in range(world)]
@@ -128,6 +134,8 @@ def test_halo_values_are_one_epoch_stale(tmp_path: Path, world: int, rate: float
         assert any(parts[i].send_ids[j].numel() == 0 for i, j in pairs)
     config = TrainConfig(
         partition_dir=str(tmp_path / "p"),
+        model=model,
+        heads=2 if model == "gat" else 1,
         layers=3,
         hidden=8,
         dropout=0.5,

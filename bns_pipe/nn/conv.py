@@ -1,10 +1,11 @@
 """Graph convolutions over a :class:`~bns_pipe.graph.LocalGraph` (one rank's rows).
 
-Both layers follow PyG's defaults exactly (same parameter names, same math), so PyG's
-``GCNConv`` and ``SAGEConv`` are oracles for them. The linear map is applied on whichever
-side of the aggregation is narrower, which is exact (aggregation is linear) and shrinks both
-the sparse product and the halo rows that travel. Sparse input features (a
-:class:`~bns_pipe.sparse.CSR`, see :mod:`bns_pipe.nn.features`) take that weight-first path
+Every layer follows PyG's defaults exactly (same parameter names, same math), so PyG's
+``GCNConv``, ``SAGEConv`` and ``GATConv`` are oracles for them. GCN and SAGE apply the linear
+map on whichever side of the aggregation is narrower, which is exact (aggregation is linear)
+and shrinks both the sparse product and the halo rows that travel; GAT always transforms
+first (attention needs the transformed rows). Sparse input features (a
+:class:`~bns_pipe.sparse.CSR`, see :mod:`bns_pipe.nn.features`) take the weight-first path
 with a sparse ``X Wᵀ``.
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from bns_pipe.graph import LocalGraph
+from bns_pipe.nn.attention import gat_attention
 from bns_pipe.sparse import CSR, spmm
 
 
@@ -87,7 +89,63 @@ class SAGEConv(nn.Module):
         return self.lin_l(graph.aggregate(x, "mean", layer)) + root
 
 
-CONVS: dict[str, tuple[type[nn.Module], str]] = {
+class GATConv(nn.Module):
+    r"""PyG's ``GATConv`` (self-loops, LeakyReLU 0.2, attention dropout, no edge features).
+
+    ``z = x Wᵀ`` as H heads of C channels; ``s = ⟨z, att_src⟩``, ``d = ⟨z, att_dst⟩`` per head;
+    ``x'_i = ‖_h Σ_{j ∈ N(i) ∪ {i}} softmax_j(LeakyReLU(s_j + d_i)) z_j,h + b`` with the heads
+    concatenated (``concat``) or averaged. The halo rows travel transformed, as ``[z | s]``
+    (H·(C+1) wide), so the attention of a halo edge needs nothing else from its owner; under
+    BNS the softmax runs over the kept neighbours (no 1/p factor).
+
+    Shapes: x (n_inner, in_dim), dense or CSR → (n_inner, H·C) or (n_inner, C).
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, heads: int = 1, concat: bool = True, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.heads, self.out_channels, self.concat, self.dropout = heads, out_dim, concat, dropout
+        self.lin = nn.Linear(in_dim, heads * out_dim, bias=False)
+        self.att_src = nn.Parameter(torch.empty(1, heads, out_dim))
+        self.att_dst = nn.Parameter(torch.empty(1, heads, out_dim))
+        self.bias = nn.Parameter(torch.empty(heads * out_dim if concat else out_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight in (self.lin.weight, self.att_src, self.att_dst):
+            nn.init.xavier_uniform_(weight.view(-1, weight.shape[-1]))  # PyG's glorot
+        nn.init.zeros_(self.bias)
+
+    def forward(
+        self,
+        graph: LocalGraph,
+        x: torch.Tensor | CSR,
+        layer: int,
+        aggregated: None = None,
+        attention_key: int | None = None,
+    ) -> torch.Tensor:
+        """``attention_key``: the stream key of this layer's attention dropout (None: off)."""
+        if aggregated is not None:
+            raise ValueError("GATConv has no precomputable aggregation (--use-pp)")
+        heads, width = self.heads, self.out_channels
+        z = _times_weight_t(x, self.lin.weight)
+        per_head = z.view(-1, heads, width)
+        a_src = (per_head * self.att_src).sum(-1)
+        a_dst = (per_head * self.att_dst).sum(-1)
+        src = graph.with_halo(torch.cat([z, a_src], 1), layer)
+        pattern, col_ids = graph.attention_pattern()
+        p = self.dropout if attention_key is not None else 0.0
+        out = gat_attention(
+            pattern, src, a_dst, heads, p, attention_key or 0, graph.global_ids, col_ids
+        )
+        if not self.concat:
+            out = out.view(-1, heads, width).mean(1)
+        return out + self.bias
+
+
+CONVS: dict[str, tuple[type[nn.Module], str | None]] = {
     "gcn": (GCNConv, "gcn"),
     "sage": (SAGEConv, "mean"),
+    "gat": (GATConv, None),
 }

@@ -25,13 +25,13 @@ from bns_pipe import _ext
 from bns_pipe.random import check_probability, has_ext_kernel, keep_mask, threshold, to_int64
 from bns_pipe.sparse import CSR
 
-__all__ = ["KeyedDropout", "keyed_dropout", "keyed_dropout_csr"]
+__all__ = ["KeyedDropout", "dropout_scale", "keyed_dropout", "keyed_dropout_csr"]
 
 # Elements per row chunk of the pure-PyTorch path, bounding its int64 temporaries.
 _CHUNK = 1 << 20
 
 
-def _scale(p: float) -> float:
+def dropout_scale(p: float) -> float:
     """``1 / (1 - p)``; 0 for p = 1, where nothing is kept."""
     return 0.0 if p == 1.0 else 1.0 / (1.0 - p)
 
@@ -39,7 +39,7 @@ def _scale(p: float) -> float:
 def _dropout_torch(x: Tensor, key: int, row_ids: Tensor, p: float) -> Tensor:
     """The pure-PyTorch keyed dropout, over row chunks; bit-identical to the C++ op."""
     n_rows, n_cols = x.shape
-    s = torch.tensor(_scale(p), dtype=x.dtype)
+    s = torch.tensor(dropout_scale(p), dtype=x.dtype)
     cols = torch.arange(n_cols, device=x.device)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     step = max(1, _CHUNK // max(1, n_cols))
@@ -52,7 +52,9 @@ def _dropout_torch(x: Tensor, key: int, row_ids: Tensor, p: float) -> Tensor:
 
 def _dropout(x: Tensor, key: int, row_ids: Tensor, p: float) -> Tensor:
     if has_ext_kernel("keyed_dropout_rows", x.device):
-        return _ext.ops().keyed_dropout_rows(x, to_int64(key), row_ids, threshold(p), _scale(p))
+        return _ext.ops().keyed_dropout_rows(
+            x, to_int64(key), row_ids, threshold(p), dropout_scale(p)
+        )
     return _dropout_torch(x, key, row_ids, p)
 
 
@@ -107,7 +109,7 @@ def keyed_dropout_csr(x: CSR, p: float, key: int, row_ids: Tensor) -> CSR:
 def _drop_entries(values: Tensor, counters: Tensor, key: int, p: float) -> Tensor:
     """Stored entries with mask counters ``counters``: kept and scaled, or zeroed, as
     :func:`keyed_dropout` does."""
-    scaled = values * torch.tensor(_scale(p), dtype=values.dtype)
+    scaled = values * torch.tensor(dropout_scale(p), dtype=values.dtype)
     return scaled.masked_fill_(keep_mask(key, counters, p), 0)
 
 

@@ -1,10 +1,11 @@
-"""The GNN: a stack of graph convolutions with normalisation, ReLU and keyed dropout."""
+"""The GNN: a stack of graph convolutions with normalisation, activation and keyed dropout."""
 
 from __future__ import annotations
 
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bns_pipe.graph import LocalGraph
@@ -16,12 +17,15 @@ from bns_pipe.sparse import CSR
 
 
 class GNN(nn.Module):
-    """``layers`` convolutions ``in_dim → hidden → … → out_dim``; between them norm, ReLU.
+    """``layers`` convolutions ``in_dim → hidden → … → out_dim``; between them norm, then
+    ReLU (ELU for GAT).
 
     Dropout precedes every convolution; its mask is keyed by (seed, epoch, layer, global node
     id, feature), so a graph split over any number of ranks sees the same masks as one process.
     With ``precomputed`` input (``--use-pp``) the first layer's aggregation is given, and
-    dropout applies to the aggregated features instead of the raw ones.
+    dropout applies to the aggregated features instead of the raw ones. GAT (``conv="gat"``)
+    splits ``hidden`` over ``heads`` concatenated heads, has one head at the output, and drops
+    attention coefficients with the same p, keyed by (seed, epoch, layer, 2) and global ids.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class GNN(nn.Module):
         norm: str = "none",
         dropout: float = 0.5,
         seed: int = 0,
+        heads: int = 1,
     ) -> None:
         super().__init__()
         if conv not in CONVS:
@@ -41,8 +46,20 @@ class GNN(nn.Module):
         if layers < 1:
             raise ValueError(f"a model needs at least one layer, got {layers}")
         conv_class, self.aggregation = CONVS[conv]
-        dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
-        self.convs = nn.ModuleList(conv_class(a, b) for a, b in itertools.pairwise(dims))
+        self.attention = conv == "gat"
+        if self.attention:
+            if hidden % heads and layers > 1:
+                raise ValueError(f"--hidden {hidden} does not split evenly over {heads} heads")
+            hidden_layer = {"heads": heads, "concat": True, "dropout": dropout}
+            output_layer = {"heads": 1, "concat": False, "dropout": dropout}
+            in_dims = [in_dim] + [hidden] * (layers - 1)
+            self.convs = nn.ModuleList(
+                conv_class(a, hidden // heads, **hidden_layer) for a in in_dims[:-1]
+            )
+            self.convs.append(conv_class(in_dims[-1], out_dim, **output_layer))
+        else:
+            dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+            self.convs = nn.ModuleList(conv_class(a, b) for a, b in itertools.pairwise(dims))
         self.norms = nn.ModuleList(make_norm(norm, hidden) for _ in range(layers - 1))
         self.dropout = dropout
         self.seed = seed
@@ -67,9 +84,15 @@ class GNN(nn.Module):
             aggregated = None
             if layer == 0 and precomputed is not None:
                 aggregated = self._drop(precomputed, stream_key(self.seed, epoch, layer, 1), graph)
-            x = conv(graph, x, layer, aggregated)
+            if self.attention:
+                attention_key = stream_key(self.seed, epoch, layer, 2)
+                dropping = self.training and self.dropout > 0
+                x = conv(graph, x, layer, attention_key=attention_key if dropping else None)
+            else:
+                x = conv(graph, x, layer, aggregated)
             if layer < len(self.norms):
-                x = torch.relu(self.norms[layer](x))
+                x = self.norms[layer](x)
+                x = F.elu(x) if self.attention else torch.relu(x)
         return x
 
     def _drop(self, x: torch.Tensor | CSR, key: int, graph: LocalGraph) -> torch.Tensor | CSR:
@@ -81,5 +104,7 @@ class GNN(nn.Module):
 
     def precompute(self, graph: LocalGraph, x: torch.Tensor) -> torch.Tensor:
         """The first layer's neighbour aggregation of the raw features, computed once."""
+        if self.aggregation is None:
+            raise ValueError("attention layers have no precomputable aggregation (--use-pp)")
         with torch.no_grad():
             return graph.aggregate(x, self.aggregation, layer=0)

@@ -26,6 +26,7 @@ class TrainConfig:
     model: str = "gcn"
     layers: int = 2
     hidden: int = 128
+    heads: int = 1
     dropout: float = 0.5
     norm: str = "none"
     lr: float = 0.01
@@ -57,10 +58,20 @@ class TrainConfig:
         checks = [
             (self.backend in ("auto", "gloo", "nccl"), "--backend must be auto, gloo or nccl"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
-            (self.model in ("gcn", "sage"), "--model must be gcn or sage"),
+            (self.model in ("gcn", "sage", "gat"), "--model must be gcn, sage or gat"),
             (self.norm in ("none", "layer", "batch"), "--norm must be none, layer or batch"),
             (self.layers >= 1, "--layers must be at least 1"),
             (self.hidden >= 1, "--hidden must be at least 1"),
+            (self.heads >= 1, "--heads must be at least 1"),
+            (self.model == "gat" or self.heads == 1, "--heads applies to --model gat only"),
+            (
+                self.heads < 1 or self.hidden % self.heads == 0,
+                f"--hidden {self.hidden} does not split evenly over --heads {self.heads}",
+            ),
+            (
+                not (self.use_pp and self.model == "gat"),
+                "--use-pp precomputes a fixed aggregation; GAT's depends on its weights",
+            ),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.lr > 0, "--lr must be positive"),
             (self.weight_decay >= 0, "--weight-decay must be non-negative"),
@@ -100,10 +111,11 @@ _FLAG_HELP = {
     "backend": "process-group backend (auto: nccl with CUDA, else gloo)",
     "device": "auto, cpu or cuda",
     "threads_per_rank": "intra-op threads per rank (default: cores / local ranks)",
-    "model": "gcn or sage",
+    "model": "gcn, sage or gat",
     "layers": "number of graph convolution layers",
-    "hidden": "hidden width",
-    "dropout": "dropout probability before every layer",
+    "hidden": "hidden width (GAT: the total over its heads)",
+    "heads": "GAT attention heads of each hidden layer (--hidden split evenly; output: one)",
+    "dropout": "dropout probability before every layer (GAT: of attention coefficients too)",
     "norm": "none, layer or batch (batch statistics synchronised across ranks)",
     "lr": "Adam learning rate",
     "weight_decay": "Adam weight decay",
@@ -118,7 +130,8 @@ _FLAG_HELP = {
     "keep_checkpoints": "keep the newest N checkpoints (0: all)",
     "resume": "resume from the newest complete checkpoint in --checkpoint-dir",
     "sampling_rate": "BNS: keep each boundary node with this probability per epoch (1: all)",
-    "bns_norm": "BNS normalisation: unbiased (kept halo rows x 1/p) or renorm (sampled degree)",
+    "bns_norm": "BNS normalisation: unbiased (kept halo rows x 1/p) or renorm (sampled "
+    "degree); GAT's softmax always runs over the kept neighbours",
     "pipeline": "PipeGCN: use last epoch's halo features and gradients; transfers run hidden",
     "feat_smooth": "pipeline: moving-average factor of the stale halo features (0: off)",
     "grad_smooth": "pipeline: moving-average factor of the stale halo gradients (0: off)",

@@ -107,6 +107,7 @@ class Trainer:
             norm=config.norm,
             dropout=config.dropout,
             seed=config.seed,
+            heads=config.heads,
         ).to(ctx.device, dtype)
         for tensor in self.model.state_dict().values():  # identical replicas
             dist.broadcast(tensor, src=0, group=ctx.reduce_group)

@@ -1,0 +1,354 @@
+// Fused GAT attention on the CPU: edge softmax and aggregation in one pass over each
+// destination row, and its backward (bns_pipe/nn/attention.py states the same math).
+//
+// Row i (a destination node) has the in-edges e in [indptr[i], indptr[i+1]) from the columns
+// j = indices[e], plus a self-loop from column i. A source row is src[j] = [z_j (H*C) | s_j (H)]:
+// transformed features and source attention logits; d = a_dst (n_rows, H). Per head h:
+//
+//   l_e     = leaky_relu(s_j[h] + d_i[h], slope)
+//   alpha_e = exp(l_e - max_i) / sum over row i's edges and self-loop
+//   beta_e  = alpha_e * (keep_e ? scale : 0)                     attention dropout
+//   out[i, h*C:(h+1)*C] = sum_e beta_e * z_j[h*C:(h+1)*C]
+//
+// keep_e = bits(key, (mix(row_ids[i]) ^ col_ids[j]) * H + h) >= threshold (threshold 0: no
+// dropout), so the mask depends on global ids only, not on the partitioning.
+//
+// gat_attention(indptr, indices, src, a_dst, heads, slope, key, row_ids, col_ids, threshold,
+//               scale) -> (out (n_rows, H*C), alpha (nnz, H), alpha_self (n_rows, H))
+// gat_attention_backward(indptr, indices, t_indptr, t_rows, t_edges, src, a_dst, alpha,
+//               alpha_self, grad_out, heads, slope, key, row_ids, col_ids, threshold, scale)
+//               -> (grad_src (n_cols, H*(C+1)), grad_a_dst (n_rows, H))
+//
+// alpha is the softmax before dropout. The backward runs over rows (the softmax's backward and
+// d a_dst, one edge buffer of dL/ds), then over the columns of the transposed pattern
+// (t_indptr, t_rows: each entry's row, t_edges: its edge id) for d src: every output row is
+// written by one thread, so the result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "counter_hash.h"
+#include "row_ranges.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace bns_pipe {
+namespace {
+
+// Multiply-adds below which a range is not split across threads.
+constexpr int64_t kGrainWork = 1 << 16;
+
+template <typename scalar_t>
+struct Attention {
+  const int64_t* indptr;
+  const int64_t* indices;
+  const scalar_t* src;    // (n_cols, W), W = H * (C + 1)
+  const scalar_t* a_dst;  // (n_rows, H)
+  const int64_t* row_ids;
+  const int64_t* col_ids;
+  int64_t H, C, W;
+  scalar_t slope;
+  uint64_t key;
+  int64_t threshold;
+  scalar_t scale;
+
+  scalar_t logit(int64_t i, int64_t j, int64_t h) const {
+    const scalar_t x = src[j * W + H * C + h] + a_dst[i * H + h];
+    return x > 0 ? x : slope * x;
+  }
+  scalar_t leaky_grad(int64_t i, int64_t j, int64_t h) const {
+    return src[j * W + H * C + h] + a_dst[i * H + h] > 0 ? scalar_t(1) : slope;
+  }
+  // keep_e * scale for the edge (i <- j), head h; dst_mix = mix(row_ids[i]).
+  scalar_t dropout(uint64_t dst_mix, int64_t j, int64_t h) const {
+    if (threshold == 0) return scalar_t(1);
+    const uint64_t counter =
+        (dst_mix ^ static_cast<uint64_t>(col_ids[j])) * static_cast<uint64_t>(H) +
+        static_cast<uint64_t>(h);
+    return bits(key, counter) >= threshold ? scale : scalar_t(0);
+  }
+  uint64_t dst_mix(int64_t i) const {
+    return threshold == 0 ? 0 : mix(static_cast<uint64_t>(row_ids[i]));
+  }
+};
+
+template <typename scalar_t>
+inline void axpy(scalar_t* __restrict__ y, scalar_t a, const scalar_t* __restrict__ x, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
+  scalar_t sum = 0;
+  for (int64_t k = 0; k < n; ++k) sum += x[k] * y[k];
+  return sum;
+}
+
+template <typename scalar_t>
+int64_t parts_for(const Attention<scalar_t>& a, int64_t work) {
+  return std::clamp<int64_t>(work * std::max<int64_t>(a.W, 1) / kGrainWork, 1,
+                             at::get_num_threads());
+}
+
+// Forward over rows [begin, end): softmax per head, then the weighted sum of source rows.
+template <typename scalar_t>
+void forward_rows(const Attention<scalar_t>& a, scalar_t* out, scalar_t* alpha,
+                  scalar_t* alpha_self, int64_t begin, int64_t end) {
+  const int64_t H = a.H, C = a.C;
+  std::vector<scalar_t> peak(H), inv(H);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t first = a.indptr[i], stop = a.indptr[i + 1];
+    for (int64_t h = 0; h < H; ++h) peak[h] = a.logit(i, i, h);
+    for (int64_t e = first; e < stop; ++e) {
+      for (int64_t h = 0; h < H; ++h) peak[h] = std::max(peak[h], a.logit(i, a.indices[e], h));
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      alpha_self[i * H + h] = std::exp(a.logit(i, i, h) - peak[h]);
+      inv[h] = alpha_self[i * H + h];
+    }
+    for (int64_t e = first; e < stop; ++e) {
+      for (int64_t h = 0; h < H; ++h) {
+        alpha[e * H + h] = std::exp(a.logit(i, a.indices[e], h) - peak[h]);
+        inv[h] += alpha[e * H + h];
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) inv[h] = scalar_t(1) / inv[h];
+    scalar_t* y = out + i * H * C;
+    std::fill(y, y + H * C, scalar_t(0));
+    const uint64_t dst_mix = a.dst_mix(i);
+    for (int64_t h = 0; h < H; ++h) {
+      scalar_t& w = alpha_self[i * H + h];
+      w *= inv[h];
+      axpy(y + h * C, w * a.dropout(dst_mix, i, h), a.src + i * a.W + h * C, C);
+    }
+    for (int64_t e = first; e < stop; ++e) {
+      const int64_t j = a.indices[e];
+      for (int64_t h = 0; h < H; ++h) {
+        scalar_t& w = alpha[e * H + h];
+        w *= inv[h];
+        axpy(y + h * C, w * a.dropout(dst_mix, j, h), a.src + j * a.W + h * C, C);
+      }
+    }
+  }
+}
+
+// Backward, first pass over rows [begin, end): dL/ds for every edge (into ds, ds_self) and
+// d a_dst. With g = grad_out[i], per head: d alpha_e = (g_h . z_j,h) * keep_e * scale,
+// dl_e = alpha_e (d alpha_e - sum_e' alpha_e' d alpha_e'), ds_e = dl_e * leaky'(.).
+template <typename scalar_t>
+void backward_rows(const Attention<scalar_t>& a, const scalar_t* alpha, const scalar_t* alpha_self,
+                   const scalar_t* grad_out, scalar_t* ds, scalar_t* ds_self, scalar_t* grad_a_dst,
+                   int64_t begin, int64_t end) {
+  const int64_t H = a.H, C = a.C;
+  std::vector<scalar_t> total(H);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t first = a.indptr[i], stop = a.indptr[i + 1];
+    const scalar_t* g = grad_out + i * H * C;
+    const uint64_t dst_mix = a.dst_mix(i);
+    for (int64_t h = 0; h < H; ++h) {
+      const scalar_t d = dot(g + h * C, a.src + i * a.W + h * C, C) * a.dropout(dst_mix, i, h);
+      ds_self[i * H + h] = d;
+      total[h] = alpha_self[i * H + h] * d;
+    }
+    for (int64_t e = first; e < stop; ++e) {
+      const int64_t j = a.indices[e];
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t d = dot(g + h * C, a.src + j * a.W + h * C, C) * a.dropout(dst_mix, j, h);
+        ds[e * H + h] = d;
+        total[h] += alpha[e * H + h] * d;
+      }
+    }
+    scalar_t* gd = grad_a_dst + i * H;
+    for (int64_t h = 0; h < H; ++h) {
+      scalar_t& v = ds_self[i * H + h];
+      v = alpha_self[i * H + h] * (v - total[h]) * a.leaky_grad(i, i, h);
+      gd[h] = v;
+    }
+    for (int64_t e = first; e < stop; ++e) {
+      const int64_t j = a.indices[e];
+      for (int64_t h = 0; h < H; ++h) {
+        scalar_t& v = ds[e * H + h];
+        v = alpha[e * H + h] * (v - total[h]) * a.leaky_grad(i, j, h);
+        gd[h] += v;
+      }
+    }
+  }
+}
+
+// Backward, second pass over source columns [begin, end) of the transposed pattern:
+// d z_j = sum_i beta_ij g_i and d s_j = sum_i ds_ij, self-loop included for j < n_rows.
+template <typename scalar_t>
+void backward_columns(const Attention<scalar_t>& a, const int64_t* t_indptr, const int64_t* t_rows,
+                      const int64_t* t_edges, int64_t n_rows, const scalar_t* alpha,
+                      const scalar_t* alpha_self, const scalar_t* grad_out, const scalar_t* ds,
+                      const scalar_t* ds_self, scalar_t* grad_src, int64_t begin, int64_t end) {
+  const int64_t H = a.H, C = a.C;
+  for (int64_t j = begin; j < end; ++j) {
+    scalar_t* gz = grad_src + j * a.W;
+    scalar_t* gs = gz + H * C;
+    std::fill(gz, gz + a.W, scalar_t(0));
+    auto add = [&](int64_t i, const scalar_t* w, const scalar_t* dl) {
+      const scalar_t* g = grad_out + i * H * C;
+      const uint64_t dst_mix = a.dst_mix(i);
+      for (int64_t h = 0; h < H; ++h) {
+        axpy(gz + h * C, w[h] * a.dropout(dst_mix, j, h), g + h * C, C);
+        gs[h] += dl[h];
+      }
+    };
+    if (j < n_rows) add(j, alpha_self + j * H, ds_self + j * H);
+    for (int64_t k = t_indptr[j]; k < t_indptr[j + 1]; ++k) {
+      add(t_rows[k], alpha + t_edges[k] * H, ds + t_edges[k] * H);
+    }
+  }
+}
+
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.is_contiguous(),
+              "gat_attention: ", name, " must be a contiguous 1-D int64 tensor");
+}
+
+template <typename scalar_t>
+Attention<scalar_t> attention_args(const at::Tensor& indptr, const at::Tensor& indices,
+                                   const at::Tensor& src, const at::Tensor& a_dst, int64_t heads,
+                                   double slope, int64_t key, const at::Tensor& row_ids,
+                                   const at::Tensor& col_ids, int64_t threshold, double scale) {
+  return Attention<scalar_t>{indptr.data_ptr<int64_t>(),
+                             indices.data_ptr<int64_t>(),
+                             src.data_ptr<scalar_t>(),
+                             a_dst.data_ptr<scalar_t>(),
+                             row_ids.data_ptr<int64_t>(),
+                             col_ids.data_ptr<int64_t>(),
+                             heads,
+                             src.size(1) / heads - 1,
+                             src.size(1),
+                             static_cast<scalar_t>(slope),
+                             static_cast<uint64_t>(key),
+                             threshold,
+                             static_cast<scalar_t>(scale)};
+}
+
+void check_inputs(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& src,
+                  const at::Tensor& a_dst, int64_t heads, const at::Tensor& row_ids,
+                  const at::Tensor& col_ids) {
+  check_index(indptr, "indptr");
+  check_index(indices, "indices");
+  check_index(row_ids, "row_ids");
+  check_index(col_ids, "col_ids");
+  const int64_t n_rows = indptr.numel() - 1;
+  TORCH_CHECK(n_rows >= 0 && indptr.data_ptr<int64_t>()[n_rows] == indices.numel(),
+              "gat_attention: indptr[-1] must equal the number of indices");
+  TORCH_CHECK(heads >= 1 && src.dim() == 2 && src.is_contiguous() &&
+                  src.size(1) % heads == 0 && src.size(1) / heads >= 2,
+              "gat_attention: src must be a contiguous (n_cols, H * (C + 1)) tensor, C >= 1");
+  TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble,
+              "gat_attention: src must be float32 or float64");
+  TORCH_CHECK(src.size(0) >= n_rows && col_ids.numel() == src.size(0),
+              "gat_attention: src needs a row per column (at least n_rows) and col_ids one id "
+              "per column");
+  TORCH_CHECK(a_dst.dim() == 2 && a_dst.size(0) == n_rows && a_dst.size(1) == heads &&
+                  a_dst.is_contiguous() && a_dst.scalar_type() == src.scalar_type(),
+              "gat_attention: a_dst must be a contiguous (n_rows, H) tensor of src's dtype");
+  TORCH_CHECK(row_ids.numel() == n_rows, "gat_attention: row_ids needs one id per row");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gat_attention_cpu(
+    const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& src,
+    const at::Tensor& a_dst, int64_t heads, double slope, int64_t key, const at::Tensor& row_ids,
+    const at::Tensor& col_ids, int64_t threshold, double scale) {
+  check_inputs(indptr, indices, src, a_dst, heads, row_ids, col_ids);
+  const int64_t n_rows = indptr.numel() - 1;
+  const int64_t C = src.size(1) / heads - 1;
+  auto out = at::empty({n_rows, heads * C}, src.options());
+  auto alpha = at::empty({indices.numel(), heads}, src.options());
+  auto alpha_self = at::empty({n_rows, heads}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "bns_pipe::gat_attention", [&] {
+    const auto a = attention_args<scalar_t>(indptr, indices, src, a_dst, heads, slope, key,
+                                            row_ids, col_ids, threshold, scale);
+    const int64_t* ptr = indptr.data_ptr<int64_t>();
+    for_balanced_row_ranges(ptr, n_rows, parts_for(a, ptr[n_rows] + n_rows),
+                            [&](int64_t begin, int64_t end) {
+                              forward_rows(a, out.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                                           alpha_self.data_ptr<scalar_t>(), begin, end);
+                            });
+  });
+  return {out, alpha, alpha_self};
+}
+
+std::tuple<at::Tensor, at::Tensor> gat_attention_backward_cpu(
+    const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& t_indptr,
+    const at::Tensor& t_rows, const at::Tensor& t_edges, const at::Tensor& src,
+    const at::Tensor& a_dst, const at::Tensor& alpha, const at::Tensor& alpha_self,
+    const at::Tensor& grad_out, int64_t heads, double slope, int64_t key,
+    const at::Tensor& row_ids, const at::Tensor& col_ids, int64_t threshold, double scale) {
+  check_inputs(indptr, indices, src, a_dst, heads, row_ids, col_ids);
+  check_index(t_indptr, "t_indptr");
+  check_index(t_rows, "t_rows");
+  check_index(t_edges, "t_edges");
+  const int64_t n_rows = indptr.numel() - 1, n_cols = src.size(0), nnz = indices.numel();
+  const int64_t C = src.size(1) / heads - 1;
+  TORCH_CHECK(t_indptr.numel() == n_cols + 1 && t_rows.numel() == nnz && t_edges.numel() == nnz,
+              "gat_attention_backward: the transposed pattern must have n_cols + 1 pointers "
+              "and one row and edge id per entry");
+  for (const auto* t : {&alpha, &alpha_self, &grad_out}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == src.scalar_type(),
+                "gat_attention_backward: alpha, alpha_self and grad_out must be contiguous and "
+                "of src's dtype");
+  }
+  TORCH_CHECK(alpha.numel() == nnz * heads && alpha_self.numel() == n_rows * heads &&
+                  grad_out.numel() == n_rows * heads * C,
+              "gat_attention_backward: alpha (nnz, H), alpha_self (n_rows, H) and grad_out "
+              "(n_rows, H*C) expected");
+  auto grad_src = at::empty_like(src);
+  auto grad_a_dst = at::empty_like(a_dst);
+  auto ds = at::empty_like(alpha);
+  auto ds_self = at::empty_like(alpha_self);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "bns_pipe::gat_attention_backward", [&] {
+    const auto a = attention_args<scalar_t>(indptr, indices, src, a_dst, heads, slope, key,
+                                            row_ids, col_ids, threshold, scale);
+    const auto* al = alpha.data_ptr<scalar_t>();
+    const auto* al_self = alpha_self.data_ptr<scalar_t>();
+    const auto* g = grad_out.data_ptr<scalar_t>();
+    auto* d = ds.data_ptr<scalar_t>();
+    auto* d_self = ds_self.data_ptr<scalar_t>();
+    const int64_t* ptr = indptr.data_ptr<int64_t>();
+    for_balanced_row_ranges(ptr, n_rows, parts_for(a, nnz + n_rows),
+                            [&](int64_t begin, int64_t end) {
+                              backward_rows(a, al, al_self, g, d, d_self,
+                                            grad_a_dst.data_ptr<scalar_t>(), begin, end);
+                            });
+    const int64_t* t_ptr = t_indptr.data_ptr<int64_t>();
+    for_balanced_row_ranges(t_ptr, n_cols, parts_for(a, nnz + n_cols),
+                            [&](int64_t begin, int64_t end) {
+                              backward_columns(a, t_ptr, t_rows.data_ptr<int64_t>(),
+                                               t_edges.data_ptr<int64_t>(), n_rows, al, al_self, g,
+                                               d, d_self, grad_src.data_ptr<scalar_t>(), begin,
+                                               end);
+                            });
+  });
+  return {grad_src, grad_a_dst};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bns_pipe, m) {
+  m.def("gat_attention(Tensor indptr, Tensor indices, Tensor src, Tensor a_dst, int heads, "
+        "float slope, int key, Tensor row_ids, Tensor col_ids, int threshold, float scale) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("gat_attention_backward(Tensor indptr, Tensor indices, Tensor t_indptr, Tensor t_rows, "
+        "Tensor t_edges, Tensor src, Tensor a_dst, Tensor alpha, Tensor alpha_self, "
+        "Tensor grad_out, int heads, float slope, int key, Tensor row_ids, Tensor col_ids, "
+        "int threshold, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bns_pipe, CPU, m) {
+  m.impl("gat_attention", &gat_attention_cpu);
+  m.impl("gat_attention_backward", &gat_attention_backward_cpu);
+}
+
+}  // namespace bns_pipe
