@@ -32,6 +32,7 @@ bench: install
 
 accuracy: install
 	$(PYTHON) -m bns_pipe accuracy --out benchmarks/results/accuracy
+	$(PYTHON) -m bns_pipe accuracy --model gat --out benchmarks/results/accuracy-gat
 
 lint: install
 	$(PYTHON) -m ruff check .

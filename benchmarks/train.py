@@ -131,10 +131,12 @@ def floor_epoch_s(n: int, in_dim: int, classes: int, model: str, adj: CSR) -> di
 # -- single process: ours and PyG ----------------------------------------------------------
 
 
-def pyg_epochs(data, model: str, form: str, epochs: int, warmup: int) -> list[float]:
+def pyg_epochs(
+    data, model: str, form: str, epochs: int, warmup: int, heads: int = 1
+) -> list[float]:
     torch.manual_seed(0)
     dims = [data.x.size(1)] + [HIDDEN] * (LAYERS - 1) + [data.num_classes]
-    net = PygModel(model, dims, DROPOUT)
+    net = PygModel(model, dims, DROPOUT, heads)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
     if form == "csr":
         adj = T.ToSparseTensor(layout=torch.sparse_csr)(data.clone()).adj_t
@@ -152,8 +154,9 @@ def pyg_epochs(data, model: str, form: str, epochs: int, warmup: int) -> list[fl
 
 
 @contextlib.contextmanager
-def one_process_trainer(part_dir: str, model: str) -> Iterator[Trainer]:
-    """Our trainer for this benchmark's model on a one-part partition, in this process."""
+def one_process_trainer(part_dir: str, model: str, **options) -> Iterator[Trainer]:
+    """Our trainer for this benchmark's model on a one-part partition, in this process;
+    ``options``: further :class:`TrainConfig` fields (e.g. GAT's ``heads``)."""
     config = TrainConfig(
         partition_dir=part_dir,
         model=model,
@@ -162,6 +165,7 @@ def one_process_trainer(part_dir: str, model: str) -> Iterator[Trainer]:
         dropout=DROPOUT,
         progress=False,
         threads_per_rank=torch.get_num_threads(),
+        **options,
     )
     ctx = init_distributed("gloo", "cpu", config.threads_per_rank)
     try:
@@ -170,8 +174,8 @@ def one_process_trainer(part_dir: str, model: str) -> Iterator[Trainer]:
         shutdown()
 
 
-def ours_epochs(part_dir: str, model: str, epochs: int, warmup: int) -> list[float]:
-    with one_process_trainer(part_dir, model) as trainer:
+def ours_epochs(part_dir: str, model: str, epochs: int, warmup: int, **options) -> list[float]:
+    with one_process_trainer(part_dir, model, **options) as trainer:
         counter = iter(range(10**9))
         return timed(lambda: trainer.train_step(next(counter)), epochs, warmup)
 
@@ -179,7 +183,17 @@ def ours_epochs(part_dir: str, model: str, epochs: int, warmup: int) -> list[flo
 # -- ours on several ranks -----------------------------------------------------------------
 
 
-def ranks_run(part_dir: str, model: str, epochs: int, tmp: Path) -> dict:
+def partitions(data, graph: dict, tmp: Path) -> dict[int, str]:
+    """METIS partitions of the synthetic ``data`` into 1, 2 and 4 parts under ``tmp``."""
+    parts = {}
+    for k in (1, 2, 4):
+        parts[k] = str(tmp / f"p{k}")
+        dataset = {"name": "synthetic", "options": graph}
+        partition(data, k, parts[k], dataset=dataset, verbose=False)
+    return parts
+
+
+def ranks_run(part_dir: str, model: str, epochs: int, tmp: Path, flags: tuple = ()) -> dict:
     metrics = tmp / f"{Path(part_dir).name}-{model}.jsonl"
     command = [
         sys.executable,
@@ -203,24 +217,26 @@ def ranks_run(part_dir: str, model: str, epochs: int, tmp: Path) -> dict:
         "--no-progress",
         "--metrics-jsonl",
         str(metrics),
+        *flags,
     ]
     run_checked(command)
     return summarise(read_run(metrics), warmup=3)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_graph_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The synthetic graph's flags, ``--epochs``, ``--quick`` and ``--out`` (default ``out``)."""
     parser.add_argument("--num-nodes", type=int, default=100_000)
     parser.add_argument("--avg-degree", type=float, default=16.0)
     parser.add_argument("--num-features", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="20k nodes, 4 epochs")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results" / out))
+
+
+def synthetic_graph(args: argparse.Namespace) -> tuple[dict, object]:
+    """The graph's options (``--quick`` applied to ``args``) and the generated graph."""
     if args.quick:
         args.num_nodes, args.epochs = 20_000, 4
-    warmup = 2
-    info = describe()
     graph = {
         "num_nodes": args.num_nodes,
         "avg_degree": args.avg_degree,
@@ -228,7 +244,16 @@ def main() -> None:
         "num_classes": 8,
     }
     log(f"generating synthetic graph {graph}")
-    data = load_dataset("synthetic", **graph)
+    return graph, load_dataset("synthetic", **graph)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_graph_arguments(parser, "train.json")
+    args = parser.parse_args()
+    warmup = 2
+    info = describe()
+    graph, data = synthetic_graph(args)
     results: dict = {
         "machine": info,
         "graph": graph,
@@ -238,12 +263,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        parts = {}
-        for k in (1, 2, 4):
-            parts[k] = str(tmp / f"p{k}")
-            partition(
-                data, k, parts[k], dataset={"name": "synthetic", "options": graph}, verbose=False
-            )
+        parts = partitions(data, graph, tmp)
         adj = LocalGraph(load_partition(parts[1], 0)).blocks["gcn"][0]
         single = {}
         for model in ("gcn", "sage"):
@@ -274,10 +294,15 @@ def main() -> None:
                 log(f"{k} rank(s): {model}")
                 ranks[f"{model}-{k}"] = ranks_run(parts[k], model, args.epochs, tmp)
         results["ranks"] = ranks
+    write_results(Path(args.out), results, info, markdown)
+
+
+def write_results(out: Path, results: dict, info: dict, markdown) -> None:
+    """Finish the machine description, write ``out`` (JSON) and its ``.md``, print the table."""
     results["machine"] = finish(info)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    Path(args.out).with_suffix(".md").write_text(markdown(results))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
 
 
@@ -303,7 +328,12 @@ def markdown(results: dict) -> str:
             f"{ratios['ours_over_pyg_csr']:.2f} | {ratios['ours_over_pyg_edge_index']:.2f} | "
             f"{ratios['ours_over_floor']:.2f} |"
         )
-    lines += [
+    return "\n".join(lines + ranks_table(results)) + "\n"
+
+
+def ranks_table(results: dict) -> list[str]:
+    """The Markdown lines of ``results["ranks"]`` (one row per ``ranks_run``)."""
+    lines = [
         "",
         f"Ours on K ranks (each with {results['threads']} // K threads), medians:",
         "",
@@ -316,7 +346,7 @@ def markdown(results: dict) -> str:
             f"{r['reduce_s']:.3f} | {r['comm_bytes'] / 2**20:.1f} | "
             f"{r['peak_mem_bytes'] / 2**20:.0f} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

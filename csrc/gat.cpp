@@ -19,10 +19,12 @@
 //               alpha_self, grad_out, heads, slope, key, row_ids, col_ids, threshold, scale)
 //               -> (grad_src (n_cols, H*(C+1)), grad_a_dst (n_rows, H))
 //
-// alpha is the softmax before dropout. The backward runs over rows (the softmax's backward and
-// d a_dst, one edge buffer of dL/ds), then over the columns of the transposed pattern
-// (t_indptr, t_rows: each entry's row, t_edges: its edge id) for d src: every output row is
-// written by one thread, so the result does not depend on the number of threads.
+// alpha is the softmax before dropout. The forward is one pass over each row's neighbours
+// (an online softmax). The backward runs over rows (the softmax's backward and d a_dst,
+// leaving each edge's [beta | dL/ds] in a buffer), then over the columns of the transposed
+// pattern (t_indptr, t_rows: each entry's row, t_edges: its edge id) for d src: every output
+// row is written by one thread, so the result does not depend on the number of threads.
+// Kernels are compiled for AVX2 + FMA too, chosen at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -79,12 +81,14 @@ struct Attention {
 };
 
 template <typename scalar_t>
-inline void axpy(scalar_t* __restrict__ y, scalar_t a, const scalar_t* __restrict__ x, int64_t n) {
+__attribute__((always_inline)) inline void axpy(scalar_t* __restrict__ y, scalar_t a,
+                                                const scalar_t* __restrict__ x, int64_t n) {
   for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
 }
 
 template <typename scalar_t>
-inline scalar_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
+__attribute__((always_inline)) inline scalar_t dot(const scalar_t* __restrict__ x,
+                                                   const scalar_t* __restrict__ y, int64_t n) {
   scalar_t sum = 0;
   for (int64_t k = 0; k < n; ++k) sum += x[k] * y[k];
   return sum;
@@ -96,86 +100,117 @@ int64_t parts_for(const Attention<scalar_t>& a, int64_t work) {
                              at::get_num_threads());
 }
 
-// Forward over rows [begin, end): softmax per head, then the weighted sum of source rows.
+// fn(), compiled for AVX2 + FMA when the CPU has them (flatten inlines the kernel into it).
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename Fn>
+__attribute__((target("avx2,fma"), flatten)) void run_avx2(const Fn& fn) {
+  fn();
+}
+#endif
+
+template <typename Fn>
+void run_best(const Fn& fn) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_avx2) return run_avx2(fn);
+#endif
+  fn();
+}
+
+// Forward over rows [begin, end) in one pass over the neighbours (an online softmax: the
+// running sum and output are rescaled when a larger logit arrives), then the row's alphas
+// normalised from the logits kept in alpha.
 template <typename scalar_t>
 void forward_rows(const Attention<scalar_t>& a, scalar_t* out, scalar_t* alpha,
                   scalar_t* alpha_self, int64_t begin, int64_t end) {
   const int64_t H = a.H, C = a.C;
-  std::vector<scalar_t> peak(H), inv(H);
+  std::vector<scalar_t> peak(H), total(H);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t first = a.indptr[i], stop = a.indptr[i + 1];
-    for (int64_t h = 0; h < H; ++h) peak[h] = a.logit(i, i, h);
-    for (int64_t e = first; e < stop; ++e) {
-      for (int64_t h = 0; h < H; ++h) peak[h] = std::max(peak[h], a.logit(i, a.indices[e], h));
-    }
-    for (int64_t h = 0; h < H; ++h) {
-      alpha_self[i * H + h] = std::exp(a.logit(i, i, h) - peak[h]);
-      inv[h] = alpha_self[i * H + h];
-    }
-    for (int64_t e = first; e < stop; ++e) {
-      for (int64_t h = 0; h < H; ++h) {
-        alpha[e * H + h] = std::exp(a.logit(i, a.indices[e], h) - peak[h]);
-        inv[h] += alpha[e * H + h];
-      }
-    }
-    for (int64_t h = 0; h < H; ++h) inv[h] = scalar_t(1) / inv[h];
-    scalar_t* y = out + i * H * C;
-    std::fill(y, y + H * C, scalar_t(0));
     const uint64_t dst_mix = a.dst_mix(i);
+    scalar_t* y = out + i * H * C;
     for (int64_t h = 0; h < H; ++h) {
-      scalar_t& w = alpha_self[i * H + h];
-      w *= inv[h];
-      axpy(y + h * C, w * a.dropout(dst_mix, i, h), a.src + i * a.W + h * C, C);
+      peak[h] = alpha_self[i * H + h] = a.logit(i, i, h);
+      total[h] = 1;
+      const scalar_t* z = a.src + i * a.W + h * C;
+      const scalar_t keep = a.dropout(dst_mix, i, h);
+      for (int64_t k = 0; k < C; ++k) y[h * C + k] = keep * z[k];
     }
     for (int64_t e = first; e < stop; ++e) {
       const int64_t j = a.indices[e];
       for (int64_t h = 0; h < H; ++h) {
-        scalar_t& w = alpha[e * H + h];
-        w *= inv[h];
+        const scalar_t l = alpha[e * H + h] = a.logit(i, j, h);
+        if (l > peak[h]) {
+          const scalar_t r = std::exp(peak[h] - l);
+          total[h] *= r;
+          for (int64_t k = 0; k < C; ++k) y[h * C + k] *= r;
+          peak[h] = l;
+        }
+        const scalar_t w = std::exp(l - peak[h]);
+        total[h] += w;
         axpy(y + h * C, w * a.dropout(dst_mix, j, h), a.src + j * a.W + h * C, C);
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const scalar_t inv = scalar_t(1) / total[h];
+      for (int64_t k = 0; k < C; ++k) y[h * C + k] *= inv;
+      scalar_t& self = alpha_self[i * H + h];
+      self = std::exp(self - peak[h]) * inv;
+      for (int64_t e = first; e < stop; ++e) {
+        scalar_t& w = alpha[e * H + h];
+        w = std::exp(w - peak[h]) * inv;
       }
     }
   }
 }
 
-// Backward, first pass over rows [begin, end): dL/ds for every edge (into ds, ds_self) and
-// d a_dst. With g = grad_out[i], per head: d alpha_e = (g_h . z_j,h) * keep_e * scale,
-// dl_e = alpha_e (d alpha_e - sum_e' alpha_e' d alpha_e'), ds_e = dl_e * leaky'(.).
+// Backward, first pass over rows [begin, end). With g = grad_out[i], per head and edge:
+// d beta_e = g_h . z_j,h, d alpha_e = d beta_e * keep_e * scale,
+// ds_e = alpha_e (d alpha_e - sum_e' alpha_e' d alpha_e') * leaky'(.), d a_dst[i] = sum_e ds_e.
+// Writes each edge's [beta_e | ds_e] (2H values; self-loops in self_edges), read by the column
+// pass in one access.
 template <typename scalar_t>
 void backward_rows(const Attention<scalar_t>& a, const scalar_t* alpha, const scalar_t* alpha_self,
-                   const scalar_t* grad_out, scalar_t* ds, scalar_t* ds_self, scalar_t* grad_a_dst,
-                   int64_t begin, int64_t end) {
+                   const scalar_t* grad_out, scalar_t* edges, scalar_t* self_edges,
+                   scalar_t* grad_a_dst, int64_t begin, int64_t end) {
   const int64_t H = a.H, C = a.C;
-  std::vector<scalar_t> total(H);
+  std::vector<scalar_t> total(H), d_alpha, slope;  // the last two: this row's, (deg + 1) * H
   for (int64_t i = begin; i < end; ++i) {
     const int64_t first = a.indptr[i], stop = a.indptr[i + 1];
+    const int64_t n = stop - first + 1;  // position 0: the self-loop, then the edges
+    d_alpha.resize(n * H);
+    slope.resize(n * H);
     const scalar_t* g = grad_out + i * H * C;
     const uint64_t dst_mix = a.dst_mix(i);
-    for (int64_t h = 0; h < H; ++h) {
-      const scalar_t d = dot(g + h * C, a.src + i * a.W + h * C, C) * a.dropout(dst_mix, i, h);
-      ds_self[i * H + h] = d;
-      total[h] = alpha_self[i * H + h] * d;
-    }
-    for (int64_t e = first; e < stop; ++e) {
-      const int64_t j = a.indices[e];
+    // (alpha, [beta | ds]) of the edge at position pos, from column j
+    auto alpha_of = [&](int64_t pos) {
+      return pos == 0 ? alpha_self + i * H : alpha + (first + pos - 1) * H;
+    };
+    auto edge_of = [&](int64_t pos) {
+      return pos == 0 ? self_edges + i * 2 * H : edges + (first + pos - 1) * 2 * H;
+    };
+    std::fill(total.begin(), total.end(), scalar_t(0));
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const int64_t j = pos == 0 ? i : a.indices[first + pos - 1];
+      const scalar_t* al = alpha_of(pos);
+      scalar_t* beta = edge_of(pos);
       for (int64_t h = 0; h < H; ++h) {
-        const scalar_t d = dot(g + h * C, a.src + j * a.W + h * C, C) * a.dropout(dst_mix, j, h);
-        ds[e * H + h] = d;
-        total[h] += alpha[e * H + h] * d;
+        const scalar_t keep = a.dropout(dst_mix, j, h);
+        const scalar_t d = dot(g + h * C, a.src + j * a.W + h * C, C) * keep;
+        d_alpha[pos * H + h] = d;
+        slope[pos * H + h] = a.leaky_grad(i, j, h);
+        beta[h] = al[h] * keep;
+        total[h] += al[h] * d;
       }
     }
     scalar_t* gd = grad_a_dst + i * H;
-    for (int64_t h = 0; h < H; ++h) {
-      scalar_t& v = ds_self[i * H + h];
-      v = alpha_self[i * H + h] * (v - total[h]) * a.leaky_grad(i, i, h);
-      gd[h] = v;
-    }
-    for (int64_t e = first; e < stop; ++e) {
-      const int64_t j = a.indices[e];
+    std::fill(gd, gd + H, scalar_t(0));
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const scalar_t* al = alpha_of(pos);
+      scalar_t* ds = edge_of(pos) + H;
       for (int64_t h = 0; h < H; ++h) {
-        scalar_t& v = ds[e * H + h];
-        v = alpha[e * H + h] * (v - total[h]) * a.leaky_grad(i, j, h);
-        gd[h] += v;
+        ds[h] = al[h] * (d_alpha[pos * H + h] - total[h]) * slope[pos * H + h];
+        gd[h] += ds[h];
       }
     }
   }
@@ -185,25 +220,24 @@ void backward_rows(const Attention<scalar_t>& a, const scalar_t* alpha, const sc
 // d z_j = sum_i beta_ij g_i and d s_j = sum_i ds_ij, self-loop included for j < n_rows.
 template <typename scalar_t>
 void backward_columns(const Attention<scalar_t>& a, const int64_t* t_indptr, const int64_t* t_rows,
-                      const int64_t* t_edges, int64_t n_rows, const scalar_t* alpha,
-                      const scalar_t* alpha_self, const scalar_t* grad_out, const scalar_t* ds,
-                      const scalar_t* ds_self, scalar_t* grad_src, int64_t begin, int64_t end) {
+                      const int64_t* t_edges, int64_t n_rows, const scalar_t* grad_out,
+                      const scalar_t* edges, const scalar_t* self_edges, scalar_t* grad_src,
+                      int64_t begin, int64_t end) {
   const int64_t H = a.H, C = a.C;
   for (int64_t j = begin; j < end; ++j) {
     scalar_t* gz = grad_src + j * a.W;
     scalar_t* gs = gz + H * C;
     std::fill(gz, gz + a.W, scalar_t(0));
-    auto add = [&](int64_t i, const scalar_t* w, const scalar_t* dl) {
+    auto add = [&](int64_t i, const scalar_t* edge) {
       const scalar_t* g = grad_out + i * H * C;
-      const uint64_t dst_mix = a.dst_mix(i);
       for (int64_t h = 0; h < H; ++h) {
-        axpy(gz + h * C, w[h] * a.dropout(dst_mix, j, h), g + h * C, C);
-        gs[h] += dl[h];
+        axpy(gz + h * C, edge[h], g + h * C, C);
+        gs[h] += edge[H + h];
       }
     };
-    if (j < n_rows) add(j, alpha_self + j * H, ds_self + j * H);
+    if (j < n_rows) add(j, self_edges + j * 2 * H);
     for (int64_t k = t_indptr[j]; k < t_indptr[j + 1]; ++k) {
-      add(t_rows[k], alpha + t_edges[k] * H, ds + t_edges[k] * H);
+      add(t_rows[k], edges + t_edges[k] * 2 * H);
     }
   }
 }
@@ -272,9 +306,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gat_attention_cpu(
                                             row_ids, col_ids, threshold, scale);
     const int64_t* ptr = indptr.data_ptr<int64_t>();
     for_balanced_row_ranges(ptr, n_rows, parts_for(a, ptr[n_rows] + n_rows),
-                            [&](int64_t begin, int64_t end) {
-                              forward_rows(a, out.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
-                                           alpha_self.data_ptr<scalar_t>(), begin, end);
+                            [&](int64_t b, int64_t f) {
+                              run_best([&] {
+                                forward_rows(a, out.data_ptr<scalar_t>(),
+                                             alpha.data_ptr<scalar_t>(),
+                                             alpha_self.data_ptr<scalar_t>(), b, f);
+                              });
                             });
   });
   return {out, alpha, alpha_self};
@@ -306,30 +343,31 @@ std::tuple<at::Tensor, at::Tensor> gat_attention_backward_cpu(
               "(n_rows, H*C) expected");
   auto grad_src = at::empty_like(src);
   auto grad_a_dst = at::empty_like(a_dst);
-  auto ds = at::empty_like(alpha);
-  auto ds_self = at::empty_like(alpha_self);
+  auto edges = at::empty({nnz, 2 * heads}, src.options());
+  auto self_edges = at::empty({n_rows, 2 * heads}, src.options());
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "bns_pipe::gat_attention_backward", [&] {
     const auto a = attention_args<scalar_t>(indptr, indices, src, a_dst, heads, slope, key,
                                             row_ids, col_ids, threshold, scale);
     const auto* al = alpha.data_ptr<scalar_t>();
     const auto* al_self = alpha_self.data_ptr<scalar_t>();
     const auto* g = grad_out.data_ptr<scalar_t>();
-    auto* d = ds.data_ptr<scalar_t>();
-    auto* d_self = ds_self.data_ptr<scalar_t>();
+    auto* e = edges.data_ptr<scalar_t>();
+    auto* e_self = self_edges.data_ptr<scalar_t>();
     const int64_t* ptr = indptr.data_ptr<int64_t>();
-    for_balanced_row_ranges(ptr, n_rows, parts_for(a, nnz + n_rows),
-                            [&](int64_t begin, int64_t end) {
-                              backward_rows(a, al, al_self, g, d, d_self,
-                                            grad_a_dst.data_ptr<scalar_t>(), begin, end);
-                            });
+    for_balanced_row_ranges(ptr, n_rows, parts_for(a, nnz + n_rows), [&](int64_t b, int64_t f) {
+      run_best([&] {
+        backward_rows(a, al, al_self, g, e, e_self, grad_a_dst.data_ptr<scalar_t>(), b, f);
+      });
+    });
     const int64_t* t_ptr = t_indptr.data_ptr<int64_t>();
-    for_balanced_row_ranges(t_ptr, n_cols, parts_for(a, nnz + n_cols),
-                            [&](int64_t begin, int64_t end) {
-                              backward_columns(a, t_ptr, t_rows.data_ptr<int64_t>(),
-                                               t_edges.data_ptr<int64_t>(), n_rows, al, al_self, g,
-                                               d, d_self, grad_src.data_ptr<scalar_t>(), begin,
-                                               end);
-                            });
+    const int64_t* rows = t_rows.data_ptr<int64_t>();
+    const int64_t* ids = t_edges.data_ptr<int64_t>();
+    for_balanced_row_ranges(t_ptr, n_cols, parts_for(a, nnz + n_cols), [&](int64_t b, int64_t f) {
+      run_best([&] {
+        backward_columns(a, t_ptr, rows, ids, n_rows, g, e, e_self,
+                         grad_src.data_ptr<scalar_t>(), b, f);
+      });
+    });
   });
   return {grad_src, grad_a_dst};
 }

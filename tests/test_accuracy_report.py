@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bns_pipe.bench.accuracy import Study, accuracy, score_of_run
+from bns_pipe.errors import ConfigError
 
 
 def test_study_reports_and_resumes(tmp_path: Path) -> None:
@@ -44,3 +47,14 @@ def test_study_reads_the_runs_metric() -> None:
     }
     old = [{"epoch": 0, "val_acc": 0.7}, {"final": True, "test_acc": 0.72}]
     assert score_of_run(old) == {"test": 0.72, "metric": "accuracy", "val_curve": [0.7]}
+
+
+def test_gat_study_runs_gat_and_knows_its_datasets(tmp_path: Path) -> None:
+    study = Study(["synthetic"], ["single"], [0], tmp_path, epochs=2, model="gat")
+    result = accuracy(study, progress=False)
+    assert result["model"] == "gat" and "cora" in result["published"]
+    header = json.loads(next((tmp_path / "runs").rglob("*.jsonl")).read_text().splitlines()[0])
+    assert header["config"]["model"] == "gat" and header["config"]["heads"] == 8
+    assert (tmp_path / "accuracy.md").read_text().startswith("# bns-pipe accuracy: GAT")
+    with pytest.raises(ConfigError, match="amazon-computers"):
+        Study(["amazon-computers"], ["single"], [0], tmp_path, model="gat").validate()

@@ -1,9 +1,9 @@
 """``bns-pipe accuracy``: does a distributed method lose accuracy? Paired seeds, real graphs.
 
-For every dataset: single-process full-graph GCN, and 4 partitions with vanilla, BNS
-(p = 0.1, renormalised), the smoothed pipeline, and both combined, each for the same seeds
-(paired). Reported: mean ± std test accuracy at the best validation epoch, beside the
-published GCN figure; the paired difference of each method to single-process with its
+For every dataset: single-process full-graph GCN (or GAT, ``--model gat``), and 4 partitions
+with vanilla, BNS (p = 0.1, renormalised), the smoothed pipeline, and both combined, each for
+the same seeds (paired). Reported: mean ± std test accuracy at the best validation epoch,
+beside the published figure; the paired difference of each method to single-process with its
 standard error; whether the targets hold. Every run writes its own metrics file and the
 command line that made it, so an interrupted study resumes where it stopped, and a run whose
 options changed is redone.
@@ -28,28 +28,57 @@ from bns_pipe.bench.suite import run_checked
 from bns_pipe.data.npz import NPZ_DATASETS
 from bns_pipe.errors import ConfigError
 
-# Published GCN test accuracy (percent) and how far below it single-process may land:
-# Kipf & Welling 2017 (Planetoid split), Shchur et al. 2018 (20/30 per class; Amazon on its
-# largest connected component, ours on the full graph, hence 2 points).
+# Published test accuracy (percent) per model and how far below it single-process may land.
+# GCN: Kipf & Welling 2017 (Planetoid split), Shchur et al. 2018 (20/30 per class; Amazon on
+# its largest connected component, ours on the full graph, hence 2 points). GAT: Veličković et
+# al. 2018 (Planetoid), Shchur et al. 2018 (Coauthor CS).
 PUBLISHED = {
-    "cora": (81.5, 1.0),
-    "citeseer": (70.3, 1.0),
-    "coauthor-cs": (91.1, 1.0),
-    "coauthor-physics": (92.8, 1.0),
-    "amazon-computers": (82.6, 2.0),
+    "gcn": {
+        "cora": (81.5, 1.0),
+        "citeseer": (70.3, 1.0),
+        "coauthor-cs": (91.1, 1.0),
+        "coauthor-physics": (92.8, 1.0),
+        "amazon-computers": (82.6, 2.0),
+    },
+    "gat": {"cora": (83.0, 1.0), "citeseer": (72.5, 1.0), "coauthor-cs": (90.5, 1.0)},
 }
-COMMON = ["--layers", "2", "--lr", "0.01", "--eval-every", "1"]
-# Per dataset: model options. Planetoid features are row-normalised as Kipf & Welling did;
-# Coauthor's weight decay and epochs were chosen on validation accuracy (single-process, CS);
-# bag-of-words inputs take the sparse first layer (``--sparse-features auto``).
+# Per model: the flags of every run, then per dataset. GCN: Planetoid features are
+# row-normalised as Kipf & Welling did; Coauthor's weight decay and epochs were chosen on
+# validation accuracy (single-process, CS); bag-of-words inputs take the sparse first layer
+# (``--sparse-features auto``). GAT: Veličković et al.'s transductive settings (8 heads of 8,
+# one output head, dropout 0.6 of features and attention, lr 0.005, weight decay 5e-4).
+COMMON = {
+    "gcn": ["--layers", "2", "--lr", "0.01", "--eval-every", "1"],
+    "gat": [
+        "--model",
+        "gat",
+        "--heads",
+        "8",
+        "--layers",
+        "2",
+        "--lr",
+        "0.005",
+        "--eval-every",
+        "1",
+    ],
+}
 REGULARISED = ["--weight-decay", "5e-4", "--epochs", "200"]
+GAT = ["--hidden", "64", "--dropout", "0.6", "--weight-decay", "5e-4", "--epochs", "300"]
 MODELS = {
-    "cora": ["--hidden", "64", "--dropout", "0.5", "--normalize-features", *REGULARISED],
-    "citeseer": ["--hidden", "64", "--dropout", "0.5", "--normalize-features", *REGULARISED],
-    "coauthor-cs": ["--hidden", "64", "--dropout", "0.5", *REGULARISED],
-    "coauthor-physics": ["--hidden", "64", "--dropout", "0.5", *REGULARISED],
-    "amazon-computers": ["--hidden", "64", "--dropout", "0.5", "--epochs", "200"],
-    "synthetic": ["--hidden", "64", "--dropout", "0.5", "--epochs", "100"],
+    "gcn": {
+        "cora": ["--hidden", "64", "--dropout", "0.5", "--normalize-features", *REGULARISED],
+        "citeseer": ["--hidden", "64", "--dropout", "0.5", "--normalize-features", *REGULARISED],
+        "coauthor-cs": ["--hidden", "64", "--dropout", "0.5", *REGULARISED],
+        "coauthor-physics": ["--hidden", "64", "--dropout", "0.5", *REGULARISED],
+        "amazon-computers": ["--hidden", "64", "--dropout", "0.5", "--epochs", "200"],
+        "synthetic": ["--hidden", "64", "--dropout", "0.5", "--epochs", "100"],
+    },
+    "gat": {
+        "cora": [*GAT, "--normalize-features"],
+        "citeseer": [*GAT, "--normalize-features"],
+        "coauthor-cs": GAT,
+        "synthetic": [*GAT[:-1], "100"],
+    },
 }
 # name → (ranks, flags): single-process, then 4 ranks of the bench's distributed methods in
 # their recommended settings: BNS normalised by the sampled degree (the unbiased 1/p scaling
@@ -76,13 +105,16 @@ class Study:
     seeds: list[int]
     out: Path
     epochs: int | None = None  # override of the per-dataset epochs (quick runs)
+    model: str = "gcn"
 
     def validate(self) -> Study:
-        unknown = sorted(set(self.datasets) - set(MODELS)) + sorted(
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; choose from {list(MODELS)}")
+        unknown = sorted(set(self.datasets) - set(MODELS[self.model])) + sorted(
             set(self.methods) - set(METHODS)
         )
         if unknown:
-            raise ConfigError(f"unknown dataset(s) or method(s): {unknown}")
+            raise ConfigError(f"unknown dataset(s) or method(s) for {self.model}: {unknown}")
         if "single" not in self.methods:
             raise ConfigError("the study compares against 'single': keep it in --methods")
         return self
@@ -93,7 +125,7 @@ def run_one(study: Study, dataset: str, method: str, seed: int) -> dict:
     record and validation curve."""
     path = study.out / "runs" / dataset / method / f"seed_{seed}.jsonl"
     parts, flags = METHODS[method]
-    options = ["--dataset", dataset, *COMMON, *MODELS[dataset], *flags]
+    options = ["--dataset", dataset, *COMMON[study.model], *MODELS[study.model][dataset], *flags]
     options += ["--parts", str(parts), "--seed", str(seed)]
     if dataset in NPZ_DATASETS:
         options += ["--data-seed", str(seed)]
@@ -150,8 +182,8 @@ def summarise(study: Study, found: dict) -> dict:
                 "paired_diff": mean_diff,
                 "paired_sem": sem,
             }
-            if method == "single" and dataset in PUBLISHED:
-                published, slack = PUBLISHED[dataset]
+            if method == "single" and dataset in PUBLISHED[study.model]:
+                published, slack = PUBLISHED[study.model][dataset]
                 row["target_met"] = row["mean"] >= published - slack
             elif method != "single":
                 row["target_met"] = abs(mean_diff) <= max(1.0, 2 * sem)
@@ -161,8 +193,9 @@ def summarise(study: Study, found: dict) -> dict:
 
 
 def markdown(study: Study, table: dict, metrics: dict[str, str]) -> str:
+    published_of = PUBLISHED[study.model]
     lines = [
-        "# bns-pipe accuracy",
+        f"# bns-pipe accuracy: {study.model.upper()}",
         "",
         f"Test score (%, the task's `--metric auto`: accuracy unless the dataset column says "
         f"otherwise) at the best validation epoch, mean ± std over seeds "
@@ -175,7 +208,7 @@ def markdown(study: Study, table: dict, metrics: dict[str, str]) -> str:
         "|---|---|" + "---|" * len(study.methods),
     ]
     for dataset, rows in table.items():
-        published = f"{PUBLISHED[dataset][0]:.1f}" if dataset in PUBLISHED else "–"
+        published = f"{published_of[dataset][0]:.1f}" if dataset in published_of else "–"
         name = dataset if metrics[dataset] == "accuracy" else f"{dataset} ({metrics[dataset]})"
         cells = []
         for method in study.methods:
@@ -225,7 +258,13 @@ def accuracy(study: Study, progress: bool = True) -> dict:
     table = summarise(study, found)
     metrics = {d: found[d, "single", study.seeds[0]]["metric"] for d in study.datasets}
     study.out.mkdir(parents=True, exist_ok=True)
-    result = {"seeds": study.seeds, "table": table, "metric": metrics, "published": PUBLISHED}
+    result = {
+        "model": study.model,
+        "seeds": study.seeds,
+        "table": table,
+        "metric": metrics,
+        "published": PUBLISHED[study.model],
+    }
     (study.out / "accuracy.json").write_text(json.dumps(result, indent=1))
     (study.out / "accuracy.md").write_text(markdown(study, table, metrics))
     plot_curves(study, found)
@@ -233,7 +272,11 @@ def accuracy(study: Study, progress: bool = True) -> dict:
 
 
 def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--datasets", nargs="+", default=list(MODELS), help=f"of {list(MODELS)}")
+    parser.add_argument("--model", choices=list(MODELS), default="gcn", help="the model studied")
+    datasets = {model: list(table) for model, table in MODELS.items()}
+    parser.add_argument(
+        "--datasets", nargs="+", help=f"default: every one of the model's {datasets}"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"of {list(METHODS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, help="override every dataset's epochs")
@@ -241,4 +284,5 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def study_from_args(args: argparse.Namespace) -> Study:
-    return Study(args.datasets, args.methods, args.seeds, args.out, args.epochs).validate()
+    datasets = args.datasets or list(MODELS[args.model])
+    return Study(datasets, args.methods, args.seeds, args.out, args.epochs, args.model).validate()

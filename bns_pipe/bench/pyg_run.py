@@ -1,10 +1,10 @@
 """One single-process PyTorch Geometric training run, timed like ours (a bench baseline).
 
-The same model as ``bns-pipe train`` (GCN or SAGE layers, ReLU, dropout before every layer,
-Adam) from PyG's own layers, with the graph as ``edge_index`` or as a CSR ``adj_t`` (PyG's
-fastest CPU path), on the GPU when one is present (``--device auto``). Run as
-``python -m bns_pipe.bench.pyg_run --dataset NAME --form csr``; it prints one JSON object:
-per-epoch seconds, peak memory, validation curve and test accuracy.
+The same model as ``bns-pipe train`` (GCN or SAGE layers with ReLU, or GAT layers with ELU;
+dropout before every layer, Adam) from PyG's own layers, with the graph as ``edge_index`` or
+as a CSR ``adj_t`` (PyG's fastest CPU path), on the GPU when one is present (``--device
+auto``). Run as ``python -m bns_pipe.bench.pyg_run --dataset NAME --form csr``; it prints
+one JSON object: per-epoch seconds, peak memory, validation curve and test accuracy.
 """
 
 from __future__ import annotations
@@ -26,24 +26,32 @@ FORMS = ("edge_index", "csr")
 
 
 class PygModel(nn.Module):
-    """``layers`` PyG convolutions (GCN normalisation cached, as a full-graph user would)."""
+    """``layers`` PyG convolutions (GCN normalisation cached, as a full-graph user would;
+    GAT: ``heads`` concatenated heads per hidden layer, one at the output, attention dropout)."""
 
-    def __init__(self, conv: str, dims: list[int], dropout: float) -> None:
+    def __init__(self, conv: str, dims: list[int], dropout: float, heads: int = 1) -> None:
         super().__init__()
         import torch_geometric.nn as pyg
 
-        def make(a: int, b: int) -> nn.Module:
+        def make(a: int, b: int, last: bool) -> nn.Module:
+            if conv == "gat":
+                h = 1 if last else heads
+                return pyg.GATConv(a, b // h, heads=h, concat=not last, dropout=dropout)
             return pyg.GCNConv(a, b, cached=True) if conv == "gcn" else pyg.SAGEConv(a, b)
 
-        self.convs = nn.ModuleList(make(a, b) for a, b in itertools.pairwise(dims))
+        pairs = list(itertools.pairwise(dims))
+        self.convs = nn.ModuleList(
+            make(a, b, i + 1 == len(pairs)) for i, (a, b) in enumerate(pairs)
+        )
         self.dropout = dropout
+        self.activation = F.elu if conv == "gat" else torch.relu
 
     def forward(self, x: torch.Tensor, adj) -> torch.Tensor:
         """x (N, in) → logits (N, out)."""
         for i, conv in enumerate(self.convs):
             x = conv(F.dropout(x, self.dropout, self.training), adj)
             if i < len(self.convs) - 1:
-                x = torch.relu(x)
+                x = self.activation(x)
         return x
 
 
@@ -52,7 +60,7 @@ def train(data, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device, local_rank=0)
     dims = [data.x.size(1)] + [args.hidden] * (args.layers - 1) + [data.num_classes]
-    net = PygModel(args.model, dims, args.dropout).to(device)
+    net = PygModel(args.model, dims, args.dropout, args.heads).to(device)
     data = data.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     if args.form == "csr":
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_arguments(parser)
     parser.add_argument("--form", choices=FORMS, default="csr")
-    parser.add_argument("--model", choices=("gcn", "sage"), default="gcn")
+    parser.add_argument("--model", choices=("gcn", "sage", "gat"), default="gcn")
+    parser.add_argument("--heads", type=int, default=1, help="GAT heads per hidden layer")
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.5)
