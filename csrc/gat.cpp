@@ -30,7 +30,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "counter_hash.h"
+#include "gat.h"
 #include "row_ranges.h"
 
 #include <algorithm>
@@ -45,40 +45,6 @@ namespace {
 
 // Multiply-adds below which a range is not split across threads.
 constexpr int64_t kGrainWork = 1 << 16;
-
-template <typename scalar_t>
-struct Attention {
-  const int64_t* indptr;
-  const int64_t* indices;
-  const scalar_t* src;    // (n_cols, W), W = H * (C + 1)
-  const scalar_t* a_dst;  // (n_rows, H)
-  const int64_t* row_ids;
-  const int64_t* col_ids;
-  int64_t H, C, W;
-  scalar_t slope;
-  uint64_t key;
-  int64_t threshold;
-  scalar_t scale;
-
-  scalar_t logit(int64_t i, int64_t j, int64_t h) const {
-    const scalar_t x = src[j * W + H * C + h] + a_dst[i * H + h];
-    return x > 0 ? x : slope * x;
-  }
-  scalar_t leaky_grad(int64_t i, int64_t j, int64_t h) const {
-    return src[j * W + H * C + h] + a_dst[i * H + h] > 0 ? scalar_t(1) : slope;
-  }
-  // keep_e * scale for the edge (i <- j), head h; dst_mix = mix(row_ids[i]).
-  scalar_t dropout(uint64_t dst_mix, int64_t j, int64_t h) const {
-    if (threshold == 0) return scalar_t(1);
-    const uint64_t counter =
-        (dst_mix ^ static_cast<uint64_t>(col_ids[j])) * static_cast<uint64_t>(H) +
-        static_cast<uint64_t>(h);
-    return bits(key, counter) >= threshold ? scale : scalar_t(0);
-  }
-  uint64_t dst_mix(int64_t i) const {
-    return threshold == 0 ? 0 : mix(static_cast<uint64_t>(row_ids[i]));
-  }
-};
 
 template <typename scalar_t>
 __attribute__((always_inline)) inline void axpy(scalar_t* __restrict__ y, scalar_t a,
@@ -242,41 +208,23 @@ void backward_columns(const Attention<scalar_t>& a, const int64_t* t_indptr, con
   }
 }
 
-void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.is_contiguous(),
-              "gat_attention: ", name, " must be a contiguous 1-D int64 tensor");
+void check_index(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.is_contiguous() &&
+                  t.device() == like.device(),
+              "gat_attention: ", name, " must be a contiguous 1-D int64 tensor on src's device");
 }
 
-template <typename scalar_t>
-Attention<scalar_t> attention_args(const at::Tensor& indptr, const at::Tensor& indices,
-                                   const at::Tensor& src, const at::Tensor& a_dst, int64_t heads,
-                                   double slope, int64_t key, const at::Tensor& row_ids,
-                                   const at::Tensor& col_ids, int64_t threshold, double scale) {
-  return Attention<scalar_t>{indptr.data_ptr<int64_t>(),
-                             indices.data_ptr<int64_t>(),
-                             src.data_ptr<scalar_t>(),
-                             a_dst.data_ptr<scalar_t>(),
-                             row_ids.data_ptr<int64_t>(),
-                             col_ids.data_ptr<int64_t>(),
-                             heads,
-                             src.size(1) / heads - 1,
-                             src.size(1),
-                             static_cast<scalar_t>(slope),
-                             static_cast<uint64_t>(key),
-                             threshold,
-                             static_cast<scalar_t>(scale)};
-}
+}  // namespace
 
-void check_inputs(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& src,
-                  const at::Tensor& a_dst, int64_t heads, const at::Tensor& row_ids,
-                  const at::Tensor& col_ids) {
-  check_index(indptr, "indptr");
-  check_index(indices, "indices");
-  check_index(row_ids, "row_ids");
-  check_index(col_ids, "col_ids");
+void check_gat_inputs(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& src,
+                      const at::Tensor& a_dst, int64_t heads, const at::Tensor& row_ids,
+                      const at::Tensor& col_ids) {
+  check_index(indptr, src, "indptr");
+  check_index(indices, src, "indices");
+  check_index(row_ids, src, "row_ids");
+  check_index(col_ids, src, "col_ids");
   const int64_t n_rows = indptr.numel() - 1;
-  TORCH_CHECK(n_rows >= 0 && indptr.data_ptr<int64_t>()[n_rows] == indices.numel(),
-              "gat_attention: indptr[-1] must equal the number of indices");
+  TORCH_CHECK(n_rows >= 0, "gat_attention: indptr needs n_rows + 1 entries");
   TORCH_CHECK(heads >= 1 && src.dim() == 2 && src.is_contiguous() &&
                   src.size(1) % heads == 0 && src.size(1) / heads >= 2,
               "gat_attention: src must be a contiguous (n_cols, H * (C + 1)) tensor, C >= 1");
@@ -286,16 +234,51 @@ void check_inputs(const at::Tensor& indptr, const at::Tensor& indices, const at:
               "gat_attention: src needs a row per column (at least n_rows) and col_ids one id "
               "per column");
   TORCH_CHECK(a_dst.dim() == 2 && a_dst.size(0) == n_rows && a_dst.size(1) == heads &&
-                  a_dst.is_contiguous() && a_dst.scalar_type() == src.scalar_type(),
+                  a_dst.is_contiguous() && a_dst.scalar_type() == src.scalar_type() &&
+                  a_dst.device() == src.device(),
               "gat_attention: a_dst must be a contiguous (n_rows, H) tensor of src's dtype");
   TORCH_CHECK(row_ids.numel() == n_rows, "gat_attention: row_ids needs one id per row");
+}
+
+void check_gat_backward_inputs(const at::Tensor& indptr, const at::Tensor& indices,
+                               const at::Tensor& t_indptr, const at::Tensor& t_rows,
+                               const at::Tensor& t_edges, const at::Tensor& src, int64_t heads,
+                               const at::Tensor& alpha, const at::Tensor& alpha_self,
+                               const at::Tensor& grad_out) {
+  check_index(t_indptr, src, "t_indptr");
+  check_index(t_rows, src, "t_rows");
+  check_index(t_edges, src, "t_edges");
+  const int64_t n_rows = indptr.numel() - 1, nnz = indices.numel();
+  const int64_t C = src.size(1) / heads - 1;
+  TORCH_CHECK(t_indptr.numel() == src.size(0) + 1 && t_rows.numel() == nnz &&
+                  t_edges.numel() == nnz,
+              "gat_attention_backward: the transposed pattern must have n_cols + 1 pointers "
+              "and one row and edge id per entry");
+  for (const auto* t : {&alpha, &alpha_self, &grad_out}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == src.scalar_type() &&
+                    t->device() == src.device(),
+                "gat_attention_backward: alpha, alpha_self and grad_out must be contiguous, "
+                "of src's dtype and on its device");
+  }
+  TORCH_CHECK(alpha.numel() == nnz * heads && alpha_self.numel() == n_rows * heads &&
+                  grad_out.numel() == n_rows * heads * C,
+              "gat_attention_backward: alpha (nnz, H), alpha_self (n_rows, H) and grad_out "
+              "(n_rows, H*C) expected");
+}
+
+namespace {
+
+void check_cpu_indptr(const at::Tensor& indptr, const at::Tensor& indices) {
+  TORCH_CHECK(indptr.data_ptr<int64_t>()[indptr.numel() - 1] == indices.numel(),
+              "gat_attention: indptr[-1] must equal the number of indices");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gat_attention_cpu(
     const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& src,
     const at::Tensor& a_dst, int64_t heads, double slope, int64_t key, const at::Tensor& row_ids,
     const at::Tensor& col_ids, int64_t threshold, double scale) {
-  check_inputs(indptr, indices, src, a_dst, heads, row_ids, col_ids);
+  check_gat_inputs(indptr, indices, src, a_dst, heads, row_ids, col_ids);
+  check_cpu_indptr(indptr, indices);
   const int64_t n_rows = indptr.numel() - 1;
   const int64_t C = src.size(1) / heads - 1;
   auto out = at::empty({n_rows, heads * C}, src.options());
@@ -323,24 +306,11 @@ std::tuple<at::Tensor, at::Tensor> gat_attention_backward_cpu(
     const at::Tensor& a_dst, const at::Tensor& alpha, const at::Tensor& alpha_self,
     const at::Tensor& grad_out, int64_t heads, double slope, int64_t key,
     const at::Tensor& row_ids, const at::Tensor& col_ids, int64_t threshold, double scale) {
-  check_inputs(indptr, indices, src, a_dst, heads, row_ids, col_ids);
-  check_index(t_indptr, "t_indptr");
-  check_index(t_rows, "t_rows");
-  check_index(t_edges, "t_edges");
+  check_gat_inputs(indptr, indices, src, a_dst, heads, row_ids, col_ids);
+  check_gat_backward_inputs(indptr, indices, t_indptr, t_rows, t_edges, src, heads, alpha,
+                            alpha_self, grad_out);
+  check_cpu_indptr(indptr, indices);
   const int64_t n_rows = indptr.numel() - 1, n_cols = src.size(0), nnz = indices.numel();
-  const int64_t C = src.size(1) / heads - 1;
-  TORCH_CHECK(t_indptr.numel() == n_cols + 1 && t_rows.numel() == nnz && t_edges.numel() == nnz,
-              "gat_attention_backward: the transposed pattern must have n_cols + 1 pointers "
-              "and one row and edge id per entry");
-  for (const auto* t : {&alpha, &alpha_self, &grad_out}) {
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == src.scalar_type(),
-                "gat_attention_backward: alpha, alpha_self and grad_out must be contiguous and "
-                "of src's dtype");
-  }
-  TORCH_CHECK(alpha.numel() == nnz * heads && alpha_self.numel() == n_rows * heads &&
-                  grad_out.numel() == n_rows * heads * C,
-              "gat_attention_backward: alpha (nnz, H), alpha_self (n_rows, H) and grad_out "
-              "(n_rows, H*C) expected");
   auto grad_src = at::empty_like(src);
   auto grad_a_dst = at::empty_like(a_dst);
   auto edges = at::empty({nnz, 2 * heads}, src.options());

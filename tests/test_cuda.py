@@ -25,6 +25,8 @@ CUDA_OPS = (
     "random_uniform",
     "random_keep_mask",
     "keyed_dropout_rows",
+    "gat_attention",
+    "gat_attention_backward",
 )
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 GPU = torch.device("cuda")
@@ -99,12 +101,28 @@ def test_keyed_dropout_is_bit_identical(dtype):
     assert torch.equal(keyed_dropout(x.to(GPU), 0.3, 42, rows.to(GPU)).cpu(), want)
 
 
-def test_one_rank_training_on_gpu_matches_cpu(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gat_attention_and_its_backward(dtype, p):
+    """The fused GAT op on the GPU against the CPU: output and both input gradients."""
+    from tests.test_gat import attention_inputs, run_attention
+
+    inputs = attention_inputs(dtype, heads=3, width=5)
+    want = run_attention(*inputs, p, heads=3)
+    got = run_attention(*[t.to(GPU) for t in inputs], p, heads=3)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.cpu(), b, **tol)
+
+
+@pytest.mark.parametrize("model", [["gcn"], ["gat", "--heads", "2"]], ids=["gcn", "gat"])
+def test_one_rank_training_on_gpu_matches_cpu(tmp_path, model):
     """The same short run on both devices: the losses agree up to float32 summation order."""
     losses = {}
     for device in ("cpu", "cuda"):
         metrics = tmp_path / f"{device}.jsonl"
         command = [sys.executable, "-m", "bns_pipe", "train", "--num-nodes", "3000"]
+        command += ["--model", *model]
         command += ["--epochs", "5", "--hidden", "32", "--device", device, "--no-progress"]
         command += ["--metrics-jsonl", str(metrics)]
         run_checked(command)

@@ -85,7 +85,8 @@ def attention_inputs(dtype: torch.dtype, heads: int = 2, width: int = 3, seed: i
 def run_attention(pattern, src, a_dst, row_ids, col_ids, p: float, heads: int = 2):
     src, a_dst = src.clone().requires_grad_(), a_dst.clone().requires_grad_()
     out = gat_attention(pattern, src, a_dst, heads, p, 1234, row_ids, col_ids)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+    weight = weight.view_as(out)
     (out * weight).sum().backward()
     return out.detach(), src.grad, a_dst.grad
 

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../counter_hash.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -19,17 +21,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;
 constexpr float kInv24 = 1.0f / 16777216.0f;
-
-__device__ __forceinline__ uint64_t mix(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-__device__ __forceinline__ int64_t bits(uint64_t key, uint64_t counter) {
-  return static_cast<int64_t>(mix(key ^ counter) >> 40);
-}
 
 unsigned int blocks_for(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
