@@ -3,7 +3,7 @@
 Plots (PNG): ``throughput.png`` (epochs per second per method and world size),
 ``breakdown.png`` (stacked epoch time: compute, exposed communication, all-reduce, sampling),
 ``bytes.png`` (halo bytes per epoch), ``memory.png`` (peak memory per rank) and
-``accuracy_time.png`` (validation accuracy against training time).
+``accuracy_time.png`` (the validation score, ``--metric``, against training time).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def markdown(results: dict) -> str:
         "time; comm = exposed halo time, hidden = halo time overlapped with computation.",
         "",
         "| graph | method | K | epoch s (min–max) | epochs/s | vs PyG CSR | compute | comm "
-        "| hidden | reduce | sample | MiB/epoch | peak MiB/rank | test acc |",
+        "| hidden | reduce | sample | MiB/epoch | peak MiB/rank "
+        f"| test {_metric(results['runs'])} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pyg = {r["graph"]: r["epoch_time_s"] for r in results["runs"] if r["method"] == "pyg-csr"}
@@ -61,9 +62,15 @@ def markdown(results: dict) -> str:
             f"({r['epoch_time_min_s']:.3f}–{r['epoch_time_max_s']:.3f}) "
             f"| {1 / r['epoch_time_s']:.2f} | {ratio} | {cell('compute_s')} | {cell('comm_s')} "
             f"| {cell('comm_hidden_s')} | {cell('reduce_s')} | {cell('sample_s')} | {mib} "
-            f"| {r['peak_mem_bytes'] / 2**20:.0f} | {r['test_acc']:.3f} |"
+            f"| {r['peak_mem_bytes'] / 2**20:.0f} | {r.get('test_metric', r['test_acc']):.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _metric(runs: list[dict]) -> str:
+    """The runs' score name (``--metric``; results written before it existed: accuracy)."""
+    names = {r.get("metric", "accuracy") for r in runs}
+    return names.pop() if len(names) == 1 else "score"
 
 
 def plot(results: dict, out: Path) -> None:
@@ -117,9 +124,10 @@ def _memory(ax, runs: list[dict]) -> None:
 def _accuracy_time(ax, runs: list[dict]) -> None:
     for r in runs:
         curve = r["curve"]
-        ax.plot([c["train_s"] for c in curve], [c["val_acc"] for c in curve], ".-", label=_label(r))
+        scores = [c.get("val_metric", c["val_acc"]) for c in curve]
+        ax.plot([c["train_s"] for c in curve], scores, ".-", label=_label(r))
     ax.set_xlabel("training seconds")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(f"validation {_metric(runs)}")
     ax.legend(fontsize=7)
 
 
