@@ -21,11 +21,13 @@ transport; under BNS the pattern keeps the sampled halo columns only.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
 from bns_pipe.comm.halo import HaloExchange
 from bns_pipe.comm.pipeline import HaloPipeline
+from bns_pipe.hooks import InnerOperator, LayerHook
 from bns_pipe.partition import Partition
 from bns_pipe.sampling import EpochSample, filter_columns, filter_halo_block
 from bns_pipe.sparse import CSR, spmm
@@ -36,7 +38,9 @@ AGGREGATIONS = ("gcn", "mean")
 class LocalGraph:
     """Normalised blocks of one partition and the halo exchange that feeds them.
 
-    ``global_ids`` (n_inner,) are the inner nodes' global ids (they key dropout masks).
+    ``global_ids`` (n_inner,) are the inner nodes' global ids (they key dropout masks). A hook
+    may replace each inner block by an :class:`~bns_pipe.hooks.InnerOperator` (the first hook
+    that offers one wins); the halo block keeps its path.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class LocalGraph:
         exchange: HaloExchange | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        hooks: Sequence[LayerHook] = (),
     ) -> None:
         self.n_inner, self.n_halo = part.n_inner, part.n_halo
         self.global_ids = part.inner_global_ids.to(device)
@@ -67,6 +72,10 @@ class LocalGraph:
                 full.column_block(0, self.n_inner).to(device),
                 full.column_block(self.n_inner, n_local).to(device),
             )
+        self.inner: dict[str, InnerOperator] = {}
+        for kind, (block, _) in self.blocks.items():
+            offered = (hook.inner_operator(kind, block) for hook in hooks)
+            self.inner[kind] = next((op for op in offered if op is not None), CsrOperator(block))
         self.self_weight = (1.0 / (degree[: self.n_inner] + 1)).to(device, dtype).unsqueeze(1)
         self.sample: EpochSample | None = None
         self.sampled_blocks: dict[str, CSR] = {}
@@ -144,9 +153,9 @@ class LocalGraph:
 
     def aggregate(self, x: torch.Tensor, kind: str, layer: int) -> torch.Tensor:
         """``A x`` for inner rows: x (n_inner, F) → (n_inner, F), halo rows fetched from peers."""
-        inner = self.blocks[kind][0]
+        inner = self.inner[kind]
         if self.exchange is None:
-            out = spmm(inner, x)
+            out = _InnerProduct.apply(x, inner)
         else:
             out = _DistributedSpmm.apply(x, inner, self._halo_block(kind), self.transport, layer)
         if self.row_scale is not None:
@@ -156,13 +165,41 @@ class LocalGraph:
         return out
 
 
+class CsrOperator:
+    """The inner block as an :class:`~bns_pipe.hooks.InnerOperator` (the default)."""
+
+    def __init__(self, block: CSR) -> None:
+        self.block = block
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return spmm(self.block, x)
+
+    def transposed(self, g: torch.Tensor) -> torch.Tensor:
+        return spmm(self.block.transpose(), g)
+
+
+class _InnerProduct(torch.autograd.Function):
+    """``A_inner x`` by an operator; backward ``A_innerᵀ g``."""
+
+    @staticmethod
+    def forward(ctx, x, inner: InnerOperator):
+        ctx.inner = inner
+        return inner(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return ctx.inner.transposed(grad_out.contiguous()), None
+
+
 class _DistributedSpmm(torch.autograd.Function):
     """``A_inner x + A_halo x_halo`` with the halo transfer overlapping the inner product."""
 
     @staticmethod
-    def forward(ctx, x, inner: CSR, halo: CSR, transport: HaloExchange | HaloPipeline, layer):
+    def forward(
+        ctx, x, inner: InnerOperator, halo: CSR, transport: HaloExchange | HaloPipeline, layer
+    ):
         sent = transport.send_features(x.detach(), layer)
-        out = spmm(inner, x.detach())
+        out = inner(x.detach())
         x_halo = transport.halo_features(sent, layer)
         if x_halo.numel():
             out = spmm(halo, x_halo, out)
@@ -174,7 +211,7 @@ class _DistributedSpmm(torch.autograd.Function):
         inner, halo = ctx.blocks
         grad_out = grad_out.contiguous()
         sent = ctx.transport.send_gradients(spmm(halo.transpose(), grad_out), ctx.layer)
-        grad_x = spmm(inner.transpose(), grad_out)
+        grad_x = inner.transposed(grad_out)
         ctx.transport.add_returned_gradients(sent, ctx.layer, grad_x)
         return grad_x, None, None, None, None
 

@@ -85,11 +85,14 @@ def run_cases(rank: int, world: int, cases: list[tuple[TrainConfig, Path]]) -> N
     shutdown()
 
 
-def run_world(world: int, cases: list[tuple[str, dict]], tmp: Path) -> dict[str, list[dict]]:
+def run_world(
+    world: int, cases: list[tuple[str, dict]], tmp: Path, worker=run_cases
+) -> dict[str, list[dict]]:
     """Partition each case's dataset into ``world`` parts, run every case in one spawn.
 
     ``cases``: (dataset name, TrainConfig options). Returns each case's per-rank results,
-    keyed ``"<name>/<index>"``.
+    keyed ``"<name>/<index>"``. ``worker``: :func:`run_cases`, or a function of a module the
+    ranks must import (e.g. one registering test hooks) that calls it.
     """
     jobs, keys = [], []
     for index, (name, options) in enumerate(cases):
@@ -103,7 +106,7 @@ def run_world(world: int, cases: list[tuple[str, dict]], tmp: Path) -> dict[str,
         )
         jobs.append((config, out))
         keys.append(f"{name}/{index}")
-    run_ranks(run_cases, world, jobs, timeout=300)
+    run_ranks(worker, world, jobs, timeout=300)
     return {
         key: [torch.load(out / f"rank_{r}.pt", weights_only=True) for r in range(world)]
         for key, (_, out) in zip(keys, jobs, strict=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from bns_pipe.hooks import LayerHook
+from bns_pipe.hooks import LayerHook, Message
 from bns_pipe.sampling import EpochSample, full_sample, pack_rows, scatter_add_rows
 
 
@@ -33,8 +33,7 @@ class Transfer:
 
     work: dist.Work | None
     received: torch.Tensor
-    layer: int
-    direction: str
+    message: Message  # what the received rows are, for the hooks' on_receive
     started: float = field(default_factory=time.perf_counter)
     done_at: float | None = None
 
@@ -43,7 +42,8 @@ class HaloExchange:
     """The per-rank plan of halo transfers: send lists in, halo counts out.
 
     ``send_ids``: K tensors of local inner indices (``send_ids[j]`` for peer j);
-    ``halo_counts`` (K,): halo rows received from each peer. Time accounting over all
+    ``halo_counts`` (K,): halo rows received from each peer; ``global_ids``: the global ids
+    of the inner and the halo nodes (for the hooks' messages). Time accounting over all
     transfers: ``wait_s`` is the time spent blocked on them (exposed communication),
     ``hidden_s`` the time they were in flight while this rank computed.
     """
@@ -54,8 +54,10 @@ class HaloExchange:
         halo_counts: torch.Tensor,
         group: dist.ProcessGroup | None = None,
         hooks: Sequence[LayerHook] = (),
+        global_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.full_plan = full_sample(send_ids, halo_counts)
+        self.inner_ids, self.halo_ids = global_ids if global_ids is not None else (None, None)
         self.use_plan(None)
         self.group = group
         self.hooks = list(hooks)
@@ -68,6 +70,8 @@ class HaloExchange:
 
     def to(self, device: torch.device) -> HaloExchange:
         self.full_plan = self.full_plan.to(device)
+        if self.inner_ids is not None:
+            self.inner_ids, self.halo_ids = self.inner_ids.to(device), self.halo_ids.to(device)
         self.use_plan(None)
         return self
 
@@ -80,7 +84,9 @@ class HaloExchange:
         plan in use); the transfer receives the plan's halo rows (n_kept_halo, F)."""
         plan = self.plan if plan is None else plan
         rows = pack_rows(x, plan.send_index)
-        return self._start(rows, plan.recv_splits, plan.send_splits, layer, "forward")
+        sent = Message(layer, "forward", self.inner_ids, plan.send_index)
+        received = Message(layer, "forward", self.halo_ids, plan.halo_keep)
+        return self._start(rows, plan.recv_splits, plan.send_splits, sent, received)
 
     def start_backward(
         self, grad_halo: torch.Tensor, layer: int, plan: EpochSample | None = None
@@ -88,7 +94,9 @@ class HaloExchange:
         """Return halo gradients (n_kept_halo, F) to their owners; the transfer receives
         (len(plan.send_index), F) rows, in send order."""
         plan = self.plan if plan is None else plan
-        return self._start(grad_halo, plan.send_splits, plan.recv_splits, layer, "backward")
+        sent = Message(layer, "backward", self.halo_ids, plan.halo_keep)
+        received = Message(layer, "backward", self.inner_ids, plan.send_index)
+        return self._start(grad_halo, plan.send_splits, plan.recv_splits, sent, received)
 
     def wait(self, transfer: Transfer) -> torch.Tensor:
         """Block until ``transfer`` is done and return its rows (decoded by the hooks)."""
@@ -100,7 +108,7 @@ class HaloExchange:
             self.hidden_s += max(0.0, min(done, start) - transfer.started)
         rows = transfer.received
         for hook in reversed(self.hooks):
-            rows = hook.on_receive(transfer.layer, transfer.direction, rows)
+            rows = hook.on_receive(transfer.message, rows)
         return rows
 
     # -- the transport protocol (synchronous within a layer) ------------------------------
@@ -124,19 +132,19 @@ class HaloExchange:
         rows: torch.Tensor,
         out_splits: list[int],
         in_splits: list[int],
-        layer: int,
-        direction: str,
+        sent: Message,
+        arriving: Message,
     ) -> Transfer:
         payload = rows.contiguous()
         for hook in self.hooks:
-            payload = hook.on_send(layer, direction, payload)
+            payload = hook.on_send(sent, payload).contiguous()
         received = payload.new_empty((sum(out_splits), *payload.shape[1:]))
         if len(out_splits) == 1:  # one rank: nothing travels
-            return Transfer(None, received, layer, direction)
+            return Transfer(None, received, arriving)
         work = dist.all_to_all_single(
             received, payload, out_splits, in_splits, group=self.group, async_op=True
         )
-        transfer = Transfer(work, received, layer, direction)
+        transfer = Transfer(work, received, arriving)
         work.get_future().add_done_callback(lambda _: _mark_done(transfer))
         return transfer
 

@@ -1,63 +1,30 @@
-"""Layer hooks: where islandization and compression modules plug into the training step.
+"""Layer hooks (:mod:`bns_pipe.hooks.base` defines the interface), one module per hook,
+registered by name in :data:`HOOKS`; ``--hook NAME[:key=value,...]`` builds one.
 
-A hook overrides any of these methods; each default returns its input unchanged (weight
-hooks for quantisation and weight sharing will join them with the compression modules):
-
-- ``on_graph(part) -> part``: once at load time (node reordering, islandization).
-- ``on_send(layer, direction, rows) -> payload`` and ``on_receive(layer, direction,
-  payload) -> rows``: around every halo transfer; ``direction`` is ``"forward"`` (features)
-  or ``"backward"`` (feature gradients). A payload must keep the row count of ``rows``.
-
-Hooks run in registration order on send and in reverse order on receive. Register classes by
-name in :data:`HOOKS`; the CLI builds them from ``--hook NAME[:key=value,...]``.
+Specs are checked by :func:`validate_specs` when the training options are validated, so a bad
+``--hook`` fails before any worker starts.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
+from collections.abc import Sequence
 
 from bns_pipe.errors import ConfigError
+from bns_pipe.hooks.base import EpochContext, InnerOperator, LayerHook, Message
+from bns_pipe.hooks.byte_counter import ByteCounter
 
-if TYPE_CHECKING:
-    from bns_pipe.partition import Partition
+__all__ = [
+    "HOOKS",
+    "ByteCounter",
+    "EpochContext",
+    "InnerOperator",
+    "LayerHook",
+    "Message",
+    "build_hook",
+    "validate_specs",
+]
 
-
-class LayerHook:
-    """Base class: every method is the identity."""
-
-    def on_graph(self, part: Partition) -> Partition:
-        return part
-
-    def on_send(self, layer: int, direction: str, rows: torch.Tensor) -> torch.Tensor:
-        return rows
-
-    def on_receive(self, layer: int, direction: str, payload: torch.Tensor) -> torch.Tensor:
-        return payload
-
-
-class ByteCounter(LayerHook):
-    """Counts the bytes this rank sends in halo transfers, per direction.
-
-    Registered last, so it counts the payload as it travels (after any compression).
-    """
-
-    def __init__(self) -> None:
-        self.sent = {"forward": 0, "backward": 0}
-
-    def on_send(self, layer: int, direction: str, rows: torch.Tensor) -> torch.Tensor:
-        self.sent[direction] += rows.numel() * rows.element_size()
-        return rows
-
-    def total(self) -> int:
-        return sum(self.sent.values())
-
-    def reset(self) -> None:
-        self.sent = dict.fromkeys(self.sent, 0)
-
-
-HOOKS: dict[str, type[LayerHook]] = {"byte-counter": ByteCounter}
+HOOKS: dict[str, type[LayerHook]] = {ByteCounter.name: ByteCounter}
 
 
 def build_hook(spec: str) -> LayerHook:
@@ -65,8 +32,20 @@ def build_hook(spec: str) -> LayerHook:
     name, _, options = spec.partition(":")
     if name not in HOOKS:
         raise ConfigError(f"unknown hook {name!r}; registered hooks: {', '.join(sorted(HOOKS))}")
-    kwargs = dict(item.split("=", 1) for item in options.split(",") if item)
+    try:
+        kwargs = dict(item.split("=", 1) for item in options.split(",") if item)
+    except ValueError:
+        raise ConfigError(f"hook {spec!r}: options are key=value pairs, comma-separated") from None
     try:
         return HOOKS[name](**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad options for hook {name!r}: {exc}") from exc
+
+
+def validate_specs(specs: Sequence[str]) -> None:
+    """Build every hook of ``specs`` once, raising :class:`ConfigError` on the first bad one;
+    a hook named twice is an error too."""
+    names = [build_hook(spec).name for spec in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"hook(s) given more than once: {repeated}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bns_pipe.errors import ConfigError
+from bns_pipe.hooks import validate_specs
 
 METRICS = ("auto", "accuracy", "rocauc", "f1")  # --metric (bns_pipe.train.evaluation)
 
@@ -103,6 +104,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        validate_specs(self.hook)
         return self
 
 

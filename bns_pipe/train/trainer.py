@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from bns_pipe.comm.pipeline import HaloPipeline
 from bns_pipe.comm.reducer import GradReducer
 from bns_pipe.errors import BnsPipeError, PartitionError
-from bns_pipe.hooks import ByteCounter, build_hook
+from bns_pipe.hooks import ByteCounter, EpochContext, build_hook
 from bns_pipe.nn.features import wants_sparse
 from bns_pipe.nn.model import GNN
 from bns_pipe.partition import Partition, load_partition, manifest_hash, read_manifest
@@ -61,11 +61,11 @@ class Trainer:
             )
         self.partition_hash = manifest_hash(config.partition_dir)
         part = load_partition(config.partition_dir, ctx.rank)
-        hooks = [build_hook(spec) for spec in config.hook]
-        for hook in hooks:
+        self.hooks = [build_hook(spec) for spec in config.hook]
+        for hook in self.hooks:
             part = hook.on_graph(part)
         self.bytes = ByteCounter()
-        hooks = [*hooks, self.bytes]
+        hooks = [*self.hooks, self.bytes]
         dtype = getattr(torch, config.dtype)
         features = {"normalize": config.normalize_features, "sparse": self._sparse_input(part)}
         self.eval_view = build_view(part, ctx, hooks, dtype, **features)
@@ -109,6 +109,8 @@ class Trainer:
             seed=config.seed,
             heads=config.heads,
         ).to(ctx.device, dtype)
+        for hook in self.hooks:
+            hook.on_model(self.model)
         for tensor in self.model.state_dict().values():  # identical replicas
             dist.broadcast(tensor, src=0, group=ctx.reduce_group)
         self.optimizer = torch.optim.Adam(
@@ -196,18 +198,32 @@ class Trainer:
         return self._samples[epoch]
 
     def train_step(self, epoch: int) -> dict:
-        """One epoch's step with the optimiser update; returns this rank's loss and times."""
+        """One epoch's step with the optimiser update; returns this rank's loss and times
+        (``hooks``: the seconds each hook reports for the step, by key)."""
+        self._tell_hooks(epoch, training=True)
         start = time.perf_counter()
         loss, _, times = self.forward_backward(epoch)
         self.optimizer.step()
         epoch_time = time.perf_counter() - start
         busy = times["comm_s"] + times["reduce_s"] + times["sample_s"]
-        return {"loss": loss, "epoch_time_s": epoch_time, "compute_s": epoch_time - busy, **times}
+        hook_times = {k: v for hook in self.hooks for k, v in hook.epoch_times().items()}
+        return {
+            "loss": loss,
+            "epoch_time_s": epoch_time,
+            "compute_s": epoch_time - busy,
+            **times,
+            "hooks": hook_times,
+        }
+
+    def _tell_hooks(self, epoch: int, training: bool) -> None:
+        for hook in self.hooks:
+            hook.on_epoch(EpochContext(epoch, training))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Exact full-graph scores per split, the same on every rank: ``<split>`` accuracy
         (micro-F1 if multilabel) and ``<split>_metric`` (:attr:`metric`)."""
+        self._tell_hooks(self.state["epoch"], training=False)
         self.model.eval()
         view = self.eval_view
         logits = self.model(view.graph, view.x, precomputed=view.precomputed)
@@ -292,6 +308,8 @@ class Trainer:
             "restarts": restarts,
             "resumed_from_epoch": resumed_from,
         }
+        if self.hooks:
+            final["hooks"] = {hook.name: hook.report() for hook in self.hooks}
         writer.write(final)
         writer.close()
         return final
@@ -301,10 +319,12 @@ class Trainer:
         times = self.train_step(epoch)
         ctx = self.ctx
         peak = peak_memory_bytes(ctx.device)
-        # every rank's times, peak, stop request, loss share and bytes as one row, summed in
-        # one all-reduce: the record reports the slowest rank's times, whose parts add up to
-        # its epoch time
-        row = [times[k] for k in TIMES] + [float(peak), float(stop_requested)]
+        # every rank's times (the hooks' too), peak, stop request, loss share and bytes as one
+        # row, summed in one all-reduce: the record reports the slowest rank's times, whose
+        # parts add up to its epoch time
+        columns = [*TIMES, *times["hooks"]]  # the same hooks, so the same keys, on every rank
+        row = [times[k] for k in TIMES] + list(times["hooks"].values())
+        row += [float(peak), float(stop_requested)]
         per_rank = torch.zeros(ctx.world_size, len(row) + 2, dtype=torch.float64)
         per_rank[ctx.rank] = torch.tensor(
             [*row, float(times["loss"]), float(self.bytes.total())], dtype=torch.float64
@@ -316,12 +336,12 @@ class Trainer:
             raise TrainingError(
                 f"the loss became {loss} at epoch {epoch}; lower --lr or check the features"
             )
-        slowest = per_rank[per_rank[:, TIMES.index("epoch_time_s")].argmax(), : len(TIMES)]
-        peaks, stops = per_rank[:, len(TIMES)], per_rank[:, len(TIMES) + 1]
+        slowest = per_rank[per_rank[:, TIMES.index("epoch_time_s")].argmax(), : len(columns)]
+        peaks, stops = per_rank[:, len(columns)], per_rank[:, len(columns) + 1]
         record = {
             "epoch": epoch,
             "loss": loss,
-            **dict(zip(TIMES, slowest.tolist(), strict=True)),
+            **dict(zip(columns, slowest.tolist(), strict=True)),
             "comm_bytes": int(summed[1]),
             "peak_mem_bytes": int(peaks.max()),
             "peak_mem_bytes_per_rank": [int(v) for v in peaks],

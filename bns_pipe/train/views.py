@@ -47,9 +47,10 @@ def build_view(
     sparse: bool = False,
 ) -> GraphView:
     """The view of ``part``; features row-normalised and/or stored sparse as asked."""
-    exchange = HaloExchange(part.send_ids, part.halo_counts, ctx.halo_group, hooks)
+    ids = (part.inner_global_ids, part.halo_global_ids)
+    exchange = HaloExchange(part.send_ids, part.halo_counts, ctx.halo_group, hooks, ids)
     exchange.to(ctx.device)
-    graph = LocalGraph(part, exchange if ctx.world_size > 1 else None, dtype, ctx.device)
+    graph = LocalGraph(part, exchange if ctx.world_size > 1 else None, dtype, ctx.device, hooks)
     return GraphView(
         graph=graph,
         exchange=exchange,

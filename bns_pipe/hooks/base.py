@@ -1,0 +1,102 @@
+"""The layer-hook interface: where islandization and compression modules plug into training.
+
+A hook overrides any of these points; each default leaves training unchanged:
+
+- graph: ``on_graph(part) -> part``, once at load (node reordering, islands). It may permute
+  the inner nodes only (remapping ``send_ids``' values); peers and halo order stay.
+- inner aggregation: ``inner_operator(kind, block)`` may hand the local graph a replacement
+  for the fixed inner block ``A_inner`` of aggregation ``kind`` (``"gcn"`` or ``"mean"``), an
+  :class:`InnerOperator` with the product and its transpose. The halo block stays on its
+  path, so BNS and the pipeline are untouched.
+- messages: ``on_send(message, rows) -> payload`` and ``on_receive(message, payload) ->
+  rows`` around every halo transfer; :class:`Message` names the layer, the direction
+  (``"forward"``: features, ``"backward"``: feature gradients) and the global ids of the rows.
+  A payload keeps the row count of ``rows`` (any width or dtype, e.g. packed bytes per row).
+- weights: ``on_model(model)``, once after the model is built (and before its replicas are
+  synchronised), e.g. to register ``torch.nn.utils.parametrize`` parametrizations on conv
+  weights; every rank applies the same, so the gradient all-reduce is unchanged.
+- per epoch: ``on_epoch(context)`` before each training step (``training=True``) and each
+  evaluation (``training=False``); ``epoch_times()`` the seconds this rank spent in the hook
+  since the last call (per-epoch keys, the slowest rank's).
+- ``report() -> dict``: what the hook did; the final metrics line gathers the reports of
+  every hook as ``"hooks": {name: report}`` (rank 0's; reports must agree across ranks or
+  say whose they are).
+
+Message hooks run in registration order on send and in reverse order on receive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from bns_pipe.partition import Partition
+    from bns_pipe.sparse import CSR
+
+
+@dataclass(frozen=True)
+class EpochContext:
+    """The step about to run: ``epoch`` (0-based) and whether it trains or evaluates."""
+
+    epoch: int
+    training: bool
+
+
+@dataclass(frozen=True)
+class Message:
+    """One halo transfer as a message hook sees it: ``layer``, ``direction`` and where its
+    rows' global ids come from (``id_table[index]``: ``index`` int64 positions or a bool
+    mask; no table when the exchange was built without ids)."""
+
+    layer: int
+    direction: str
+    id_table: Tensor | None = None
+    index: Tensor | None = None
+
+    @property
+    def global_ids(self) -> Tensor:
+        """The global node id of every row of the transfer, (rows,) int64."""
+        if self.id_table is None or self.index is None:
+            raise ValueError("this halo exchange was built without global ids")
+        return self.id_table[self.index]
+
+
+class InnerOperator(Protocol):
+    """A replacement for ``A_inner`` (n_inner, n_inner): ``A x`` and ``Aᵀ g``."""
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def transposed(self, g: Tensor) -> Tensor: ...
+
+
+class LayerHook:
+    """Base class: every point is the identity; ``name`` is the registry name."""
+
+    name = ""
+
+    def on_graph(self, part: Partition) -> Partition:
+        return part
+
+    def inner_operator(self, kind: str, block: CSR) -> InnerOperator | None:
+        return None
+
+    def on_model(self, model: nn.Module) -> None:
+        return None
+
+    def on_epoch(self, context: EpochContext) -> None:
+        return None
+
+    def on_send(self, message: Message, rows: Tensor) -> Tensor:
+        return rows
+
+    def on_receive(self, message: Message, payload: Tensor) -> Tensor:
+        return payload
+
+    def epoch_times(self) -> dict[str, float]:
+        return {}
+
+    def report(self) -> dict:
+        return {}
