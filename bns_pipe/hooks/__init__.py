@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from bns_pipe.errors import ConfigError
 from bns_pipe.hooks.base import EpochContext, InnerOperator, LayerHook, Message
 from bns_pipe.hooks.byte_counter import ByteCounter
+from bns_pipe.hooks.quant import QuantHook
 
 __all__ = [
     "HOOKS",
@@ -24,7 +25,7 @@ __all__ = [
     "validate_specs",
 ]
 
-HOOKS: dict[str, type[LayerHook]] = {ByteCounter.name: ByteCounter}
+HOOKS: dict[str, type[LayerHook]] = {hook.name: hook for hook in (ByteCounter, QuantHook)}
 
 
 def build_hook(spec: str) -> LayerHook:

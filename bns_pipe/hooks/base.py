@@ -39,10 +39,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EpochContext:
-    """The step about to run: ``epoch`` (0-based) and whether it trains or evaluates."""
+    """The step about to run: ``epoch`` (0-based), whether it trains or evaluates, and the
+    run's ``--seed`` (for keyed random streams)."""
 
     epoch: int
     training: bool
+    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,7 @@ class Trainer:
 
     def _tell_hooks(self, epoch: int, training: bool) -> None:
         for hook in self.hooks:
-            hook.on_epoch(EpochContext(epoch, training))
+            hook.on_epoch(EpochContext(epoch, training, self.config.seed))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

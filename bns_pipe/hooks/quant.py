@@ -1,0 +1,167 @@
+"""Halo-message quantization: ``--hook quant:bits=8|4|2[,fwd_bits=B,bwd_bits=B]``.
+
+Every halo row that travels in training (features forward, feature gradients backward) is
+sent as b-bit codes with a per-row grid, unbiased by stochastic rounding. For a row x of F
+values and L = 2^b - 1::
+
+    lo   = min(x) rounded down to bfloat16
+    step = (max(x) - lo) / L rounded up to bfloat16            (0: every value equals lo)
+    code = clamp(floor((x - lo) / step + u), 0, L),   u = uniform(key, global row id · F + column)
+    x̂    = lo + code · step                                    E[x̂] = x,  |x̂ - x| < step
+
+``key = stream_key(seed, QUANT_STREAM, epoch, layer, direction)`` (:mod:`bns_pipe.random`),
+so a run is reproducible and every receiver of a row gets the same codes. Rounding lo down and
+step up keeps every value on the grid (the clamp only absorbs float rounding), so no value
+spills into a neighbour's bits, and a row that is constant at a bfloat16 value (zeros, say)
+travels exactly. The payload keeps the row count: per row ``ceil(F·b/8)`` bytes of codes (8/b
+per byte, column c in byte ``c // (8/b)`` at bit ``(c mod 8/b)·b``) and then lo and step as two
+bfloat16, ``(rows, ceil(F·b/8) + 4)`` uint8. Evaluation sends full precision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from bns_pipe.hooks.base import EpochContext, LayerHook, Message
+from bns_pipe.random import stream_key, uniform
+
+__all__ = ["QUANT_STREAM", "QuantHook", "dequantize", "quantize"]
+
+QUANT_STREAM = int.from_bytes(b"bns-quan", "little")
+BITS = (2, 4, 8)
+DIRECTIONS = {"forward": 0, "backward": 1}
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    return bits
+
+
+def row_bytes(width: int, bits: int) -> int:
+    """Payload bytes of one row of ``width`` values at ``bits``: codes, then lo and step."""
+    return math.ceil(width * bits / 8) + 4
+
+
+def quantize(rows: Tensor, bits: int, key: int, row_ids: Tensor) -> Tensor:
+    """The payload of ``rows`` (m, F) float: (m, ceil(F·bits/8) + 4) uint8 (module docstring);
+    ``row_ids`` (m,) int64 are the rows' global ids, keying the rounding draws."""
+    _check_bits(bits)
+    m, width = rows.shape
+    levels = (1 << bits) - 1
+    x = rows.float()
+    if m == 0:
+        return torch.empty(0, row_bytes(width, bits), dtype=torch.uint8, device=rows.device)
+    lo = _bf16_toward(x.amin(1), float("-inf"))
+    step = _bf16_toward((x.amax(1) - lo.float()) / levels, float("inf"))
+    columns = torch.arange(width, device=rows.device)
+    u = uniform(key, row_ids[:, None] * width + columns)
+    scaled = (x - lo.float()[:, None]) / torch.where(step > 0, step, 1).float()[:, None]
+    codes = (scaled + u).floor_().clamp_(0, levels).to(torch.uint8)
+    meta = torch.stack([lo, step], 1).view(torch.uint8)  # (m, 4): two bfloat16
+    return torch.cat([_pack(codes, bits), meta], 1)
+
+
+def dequantize(payload: Tensor, bits: int, width: int, dtype: torch.dtype) -> Tensor:
+    """Rows (m, ``width``) of ``dtype`` from a :func:`quantize` payload: lo + code · step."""
+    meta = payload[:, -4:].reshape(-1).clone().view(torch.bfloat16).float().view(-1, 2)
+    codes = _unpack(payload[:, :-4], bits, width).float()
+    return (meta[:, :1] + codes * meta[:, 1:]).to(dtype)
+
+
+def _bf16_toward(values: Tensor, direction: float) -> Tensor:
+    """``values`` (float32) as bfloat16, rounded toward ``direction`` (±inf)."""
+    rounded = values.to(torch.bfloat16)
+    off = rounded.float() > values if direction < 0 else rounded.float() < values
+    toward = torch.full_like(rounded, direction)
+    return torch.where(off, torch.nextafter(rounded, toward), rounded)
+
+
+def _pack(codes: Tensor, bits: int) -> Tensor:
+    """(m, F) codes < 2^bits → (m, ceil(F·bits/8)) uint8, 8/bits codes per byte."""
+    per_byte = 8 // bits
+    m, width = codes.shape
+    padded = torch.zeros(m, math.ceil(width / per_byte) * per_byte, dtype=torch.int32)
+    padded = padded.to(codes.device)
+    padded[:, :width] = codes
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (padded.view(m, -1, per_byte) << shifts).sum(2).to(torch.uint8)
+
+
+def _unpack(packed: Tensor, bits: int, width: int) -> Tensor:
+    """The inverse of :func:`_pack`: (m, bytes) uint8 → (m, ``width``) codes (uint8)."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+    codes = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.size(0), packed.size(1) * per_byte)[:, :width]
+
+
+class QuantHook(LayerHook):
+    """Quantizes training-time halo messages at ``fwd_bits`` / ``bwd_bits`` (both ``bits``
+    unless given); evaluation messages pass unchanged."""
+
+    name = "quant"
+
+    def __init__(self, bits: str = "8", fwd_bits: str | None = None, bwd_bits: str | None = None):
+        if bits == "adaptive":
+            raise ValueError("bits=adaptive is not available yet; use bits=8, 4 or 2")
+        try:
+            uniform_bits = int(bits)
+            self.bits = {
+                "forward": _check_bits(int(fwd_bits) if fwd_bits else uniform_bits),
+                "backward": _check_bits(int(bwd_bits) if bwd_bits else uniform_bits),
+            }
+        except ValueError as exc:
+            raise ValueError(f"quant: {exc} (bits=8|4|2[,fwd_bits=…,bwd_bits=…])") from None
+        self.context = EpochContext(0, training=False)
+        # (layer, direction) → the (width, dtype) of its rows: the same on every rank
+        self.shapes: dict[tuple[int, str], tuple[int, torch.dtype]] = {}
+        self.seconds = self.total_seconds = 0.0
+        self.epochs = 0
+
+    def on_epoch(self, context: EpochContext) -> None:
+        self.context = context
+        self.epochs += context.training
+
+    def on_send(self, message: Message, rows: Tensor) -> Tensor:
+        self.shapes[message.layer, message.direction] = (rows.shape[1], rows.dtype)
+        if not self.context.training or message.layer < 0:  # evaluation, set-up exchanges
+            return rows
+        start = time.perf_counter()
+        direction = DIRECTIONS[message.direction]
+        ctx = self.context
+        key = stream_key(ctx.seed, QUANT_STREAM, ctx.epoch, message.layer, direction)
+        payload = quantize(rows, self.bits[message.direction], key, message.global_ids)
+        self._spent(start)
+        return payload
+
+    def on_receive(self, message: Message, payload: Tensor) -> Tensor:
+        """Dequantize what was sent quantized (uint8; a pipelined transfer may arrive after
+        an evaluation, so the payload, not the epoch, tells)."""
+        if payload.dtype != torch.uint8:
+            return payload
+        start = time.perf_counter()
+        width, dtype = self.shapes[message.layer, message.direction]
+        rows = dequantize(payload, self.bits[message.direction], width, dtype)
+        self._spent(start)
+        return rows
+
+    def _spent(self, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        self.total_seconds += elapsed
+
+    def epoch_times(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, 0.0
+        return {"quantize_s": seconds}
+
+    def report(self) -> dict:
+        return {
+            "avg_bits_forward": float(self.bits["forward"]),
+            "avg_bits_backward": float(self.bits["backward"]),
+            "quantize_s": self.total_seconds / max(self.epochs, 1),
+        }
