@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -158,3 +159,17 @@ def as_peer_error(exc: BaseException, rank: int, timeout_s: float, during: str) 
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class SigtermFlag:
+    """Remembers a SIGTERM (preemption) so the loop can checkpoint at the epoch's end."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)

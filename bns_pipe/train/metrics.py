@@ -142,3 +142,10 @@ def _records_before(path: Path, epoch: int) -> list[dict]:
         if first_header or (earlier_epoch and record["epoch"] < epoch):
             kept.append(record)
     return kept
+
+
+def progress_bar(enabled: bool, initial: int, total: int):
+    """The epochs' tqdm bar (rank 0 only: others pass ``enabled=False``)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="epoch", dynamic_ncols=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import statistics
 import time
 
@@ -31,7 +30,7 @@ from bns_pipe.partition import Partition, load_partition, manifest_hash, read_ma
 from bns_pipe.sampling import BoundarySampler, EpochSample
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
-from bns_pipe.train.distributed import DistContext, restart_count
+from bns_pipe.train.distributed import DistContext, SigtermFlag, restart_count
 from bns_pipe.train.evaluation import accuracy_counts, resolve_metric, split_metric
 from bns_pipe.train.metrics import (
     TIMES,
@@ -39,6 +38,7 @@ from bns_pipe.train.metrics import (
     median_epochs_per_s,
     memory_now_bytes,
     peak_memory_bytes,
+    progress_bar,
     reset_peak_memory,
 )
 from bns_pipe.train.views import SPLITS, build_view, training_subgraph
@@ -266,8 +266,8 @@ class Trainer:
         writer = MetricsWriter(path, keep_before=self.state["epoch"] if resuming else None)
         if not writer.has_header:
             writer.header(dataclasses.asdict(cfg), self.partition_hash)
-        stop = _SigtermFlag()
-        progress = _progress(ctx.is_main and cfg.progress, self.state["epoch"], cfg.epochs)
+        stop = SigtermFlag()
+        progress = progress_bar(ctx.is_main and cfg.progress, self.state["epoch"], cfg.epochs)
         try:
             for epoch in range(self.state["epoch"], cfg.epochs):
                 record = self._epoch(epoch, stop.raised)
@@ -403,23 +403,3 @@ class Trainer:
         values = values.clone()
         dist.all_reduce(values, group=self.ctx.reduce_group)
         return values
-
-
-class _SigtermFlag:
-    """Remembers a SIGTERM (preemption) so the loop can checkpoint at the epoch's end."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-
-def _progress(enabled: bool, initial: int, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="epoch", dynamic_ncols=True)
