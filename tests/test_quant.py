@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bns_pipe import _ext
 from bns_pipe.errors import ConfigError
 from bns_pipe.hooks.quant import dequantize, quantize, row_bytes
 from bns_pipe.train.config import TrainConfig
@@ -63,6 +64,21 @@ def test_codes_are_packed_eight_bits_a_byte() -> None:
     codes = [(int(payload[0, c // 4]) >> (2 * (c % 4))) & 3 for c in range(5)]
     assert codes[0] == 0 and codes[4] == 3 and codes == sorted(codes)
     assert int(payload[0, 1]) >> 2 == 0  # padding bits stay zero
+
+
+@pytest.mark.skipif(not _ext.available(), reason="C++ extension not built")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cpp_equals_fallback_bit_for_bit(monkeypatch, bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(300, 13, generator=gen) * torch.logspace(-3, 3, 300)[:, None]
+    x[::7] = 0.0  # constant rows
+    x[1::7] = 1e-3
+    ids = torch.randperm(10_000, generator=gen)[:300]
+    native = quantize(x, bits, 99, ids)
+    rows = dequantize(native, bits, 13, torch.float32)
+    monkeypatch.setattr(_ext, "available", lambda: False)
+    assert torch.equal(quantize(x, bits, 99, ids), native)
+    assert torch.equal(dequantize(native, bits, 13, torch.float32), rows)
 
 
 def test_same_rows_same_codes_whatever_the_order() -> None:

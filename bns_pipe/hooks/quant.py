@@ -26,8 +26,9 @@ import time
 import torch
 from torch import Tensor
 
+from bns_pipe import _ext
 from bns_pipe.hooks.base import EpochContext, LayerHook, Message
-from bns_pipe.random import stream_key, uniform
+from bns_pipe.random import has_ext_kernel, stream_key, to_int64, uniform
 
 __all__ = ["QUANT_STREAM", "QuantHook", "dequantize", "quantize"]
 
@@ -49,16 +50,25 @@ def row_bytes(width: int, bits: int) -> int:
 
 def quantize(rows: Tensor, bits: int, key: int, row_ids: Tensor) -> Tensor:
     """The payload of ``rows`` (m, F) float: (m, ceil(F·bits/8) + 4) uint8 (module docstring);
-    ``row_ids`` (m,) int64 are the rows' global ids, keying the rounding draws."""
+    ``row_ids`` (m,) int64 are the rows' global ids, keying the rounding draws. The C++ op
+    (``torch.ops.bns_pipe.quantize_rows``) and the PyTorch ops give the same bytes."""
     _check_bits(bits)
     m, width = rows.shape
-    levels = (1 << bits) - 1
-    x = rows.float()
     if m == 0:
         return torch.empty(0, row_bytes(width, bits), dtype=torch.uint8, device=rows.device)
+    x = rows.float().contiguous()
+    if has_ext_kernel("quantize_rows", x.device):
+        return _ext.ops().quantize_rows(x, bits, to_int64(key), row_ids.contiguous())
+    return _quantize_torch(x, bits, key, row_ids)
+
+
+def _quantize_torch(x: Tensor, bits: int, key: int, row_ids: Tensor) -> Tensor:
+    """:func:`quantize` by PyTorch ops, for float32 x (m, F), m > 0."""
+    width = x.shape[1]
+    levels = (1 << bits) - 1
     lo = _bf16_toward(x.amin(1), float("-inf"))
     step = _bf16_toward((x.amax(1) - lo.float()) / levels, float("inf"))
-    columns = torch.arange(width, device=rows.device)
+    columns = torch.arange(width, device=x.device)
     u = uniform(key, row_ids[:, None] * width + columns)
     scaled = (x - lo.float()[:, None]) / torch.where(step > 0, step, 1).float()[:, None]
     codes = (scaled + u).floor_().clamp_(0, levels).to(torch.uint8)
@@ -68,6 +78,8 @@ def quantize(rows: Tensor, bits: int, key: int, row_ids: Tensor) -> Tensor:
 
 def dequantize(payload: Tensor, bits: int, width: int, dtype: torch.dtype) -> Tensor:
     """Rows (m, ``width``) of ``dtype`` from a :func:`quantize` payload: lo + code · step."""
+    if has_ext_kernel("dequantize_rows", payload.device):
+        return _ext.ops().dequantize_rows(payload, bits, width).to(dtype)
     meta = payload[:, -4:].reshape(-1).clone().view(torch.bfloat16).float().view(-1, 2)
     codes = _unpack(payload[:, :-4], bits, width).float()
     return (meta[:, :1] + codes * meta[:, 1:]).to(dtype)
