@@ -27,6 +27,8 @@ CUDA_OPS = (
     "keyed_dropout_rows",
     "gat_attention",
     "gat_attention_backward",
+    "quantize_rows",
+    "dequantize_rows",
 )
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 GPU = torch.device("cuda")
@@ -113,6 +115,20 @@ def test_gat_attention_and_its_backward(dtype, p):
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.cpu(), b, **tol)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_halo_quantization_is_bit_identical(bits):
+    from bns_pipe.hooks.quant import dequantize, quantize
+
+    x = torch.randn(500, 37) * torch.logspace(-3, 3, 500)[:, None]
+    x[::9] = 0.0
+    ids = torch.randperm(100_000)[:500]
+    want = quantize(x, bits, 5, ids)
+    got = quantize(x.to(GPU), bits, 5, ids.to(GPU))
+    assert torch.equal(got.cpu(), want)
+    back = dequantize(want, bits, 37, torch.float32)
+    assert torch.equal(dequantize(want.to(GPU), bits, 37, torch.float32).cpu(), back)
 
 
 @pytest.mark.parametrize("model", [["gcn"], ["gat", "--heads", "2"]], ids=["gcn", "gat"])
