@@ -137,7 +137,7 @@ def read_run(metrics: Path) -> dict:
     curve against cumulative training time, and the final values."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     epochs_rows, final = [r for r in rows if "epoch" in r], rows[-1]
-    record = {k: [r[k] for r in epochs_rows] for k in (*TIMES, "comm_bytes")}
+    record = {k: [r[k] for r in epochs_rows] for k in (*TIMES, "comm_bytes", *_hook_times(rows))}
     elapsed, curve = 0.0, []
     for r in epochs_rows:
         elapsed += r["epoch_time_s"]
@@ -153,12 +153,20 @@ def read_run(metrics: Path) -> dict:
     return record
 
 
+def _hook_times(rows: list[dict]) -> list[str]:
+    """The per-epoch seconds the run's hooks report (e.g. ``quantize_s``)."""
+    epochs = [r for r in rows if "epoch" in r]
+    keys = [k for k in epochs[0] if k.endswith("_s") and k not in (*TIMES, "eval_time_s")]
+    return [k for k in keys if all(k in r for r in epochs)]
+
+
 def summarise(record: dict, warmup: int) -> dict:
     """A run's median epoch after ``warmup``, whole (its time parts add up to its epoch
     time), with the min/max epoch time."""
     steady = record["epoch_time_s"][warmup:]
     median = warmup + _median_index(steady)
-    summary = {k: record[k][median] for k in (*TIMES, "comm_bytes") if k in record}
+    per_epoch = [k for k in record if k.endswith("_s") or k == "comm_bytes"]  # times, bytes
+    summary = {k: record[k][median] for k in per_epoch}
     peak, startup = record["peak_mem_bytes_per_rank"], record["startup_mem_bytes_per_rank"]
     summary.update(
         min_epoch_s=min(steady),

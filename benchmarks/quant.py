@@ -1,0 +1,131 @@
+"""Halo-message quantization (``--hook quant``): bytes, epoch time and its breakdown.
+
+One synthetic graph (default 100k nodes, average degree 16, 128 features, 8 classes), K
+partitions (default 4, METIS; ``--method random`` for a communication-heavy cut), the train
+benchmark's model (3 layers, hidden 128, dropout 0.5). Each configuration is one
+``bns-pipe train`` launch: vanilla, 8/4/2 bits, and 4 bits with BNS p = 0.1 and with the
+pipeline. Reported per configuration: median epoch time with its parts, ``quantize_s``, halo
+bytes per epoch, their ratio to vanilla and to the ideal ratio of the row widths that travel
+(``(ceil(F·b/8) + 4) / 4F`` per layer, F the narrow side of each layer).
+
+    python benchmarks/quant.py [--num-nodes N] [--parts K] [--method metis|random] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import summary as machine_summary  # noqa: E402
+from benchmarks.train import (  # noqa: E402
+    DROPOUT,
+    HIDDEN,
+    LAYERS,
+    add_graph_arguments,
+    log,
+    ranks_run,
+    synthetic_graph,
+    write_results,
+)
+from bns_pipe.hooks.quant import row_bytes  # noqa: E402
+from bns_pipe.partition import partition  # noqa: E402
+
+CONFIGS = {  # name → (bits or None, further flags)
+    "vanilla": (None, ()),
+    "quant-8": (8, ()),
+    "quant-4": (4, ()),
+    "quant-2": (2, ()),
+    "bns-0.1": (None, ("--sampling-rate", "0.1", "--bns-norm", "renorm")),
+    "bns-0.1+quant-4": (4, ("--sampling-rate", "0.1", "--bns-norm", "renorm")),
+    "pipeline": (None, ("--pipeline",)),
+    "pipeline+quant-4": (4, ("--pipeline",)),
+}
+
+
+def travelling_widths(num_features: int, classes: int) -> list[int]:
+    """The widths of the halo rows that travel, each transfer once: every layer sends the
+    narrower side of its linear map forward, and its gradient backward, except the first
+    layer when it aggregates the raw features (they need no gradient)."""
+    dims = [num_features] + [HIDDEN] * (LAYERS - 1) + [classes]
+    forward = [min(a, b) for a, b in itertools.pairwise(dims)]
+    first_backward = dims[1] < dims[0]  # weight-first: x·Wᵀ needs its gradient
+    return forward + forward[0 if first_backward else 1 :]
+
+
+def ideal_ratio(widths: list[int], bits: int) -> float:
+    """Quantized bytes over float32 bytes when every transfer carries the same rows."""
+    return sum(row_bytes(w, bits) for w in widths) / sum(4 * w for w in widths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_graph_arguments(parser, "quant.json")
+    parser.add_argument("--parts", type=int, default=4)
+    parser.add_argument("--method", choices=("metis", "random"), default="metis")
+    args = parser.parse_args()
+    info = describe()
+    graph, data = synthetic_graph(args)
+    widths = travelling_widths(args.num_features, graph["num_classes"])
+    results: dict = {
+        "machine": info,
+        "graph": graph,
+        "partition": {"parts": args.parts, "method": args.method},
+        "model": {"layers": LAYERS, "hidden": HIDDEN, "dropout": DROPOUT},
+        "row_widths": widths,
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        part_dir = str(tmp / "parts")
+        dataset = {"name": "synthetic", "options": graph}
+        partition(data, args.parts, part_dir, method=args.method, dataset=dataset, verbose=False)
+        for name, (bits, flags) in CONFIGS.items():
+            log(f"{args.parts} ranks: {name}")
+            hook = ("--hook", f"quant:bits={bits}") if bits else ()
+            (tmp / name).mkdir()
+            run = ranks_run(part_dir, "gcn", args.epochs, tmp / name, (*flags, *hook))
+            run["ideal_byte_ratio"] = ideal_ratio(widths, bits) if bits else 1.0
+            results["runs"][name] = run
+    vanilla = results["runs"]["vanilla"]
+    for run in results["runs"].values():
+        run["byte_ratio"] = run["comm_bytes"] / vanilla["comm_bytes"]
+        run["time_ratio"] = run["epoch_time_s"] / vanilla["epoch_time_s"]
+    write_results(Path(args.out), results, info, markdown)
+
+
+def markdown(results: dict) -> str:
+    g, p = results["graph"], results["partition"]
+    lines = [
+        f"# Halo quantization ({g['num_nodes']:,} nodes, avg degree {g['avg_degree']}, "
+        f"{g['num_features']} features; {p['parts']} {p['method']} parts; "
+        f"{LAYERS} layers, hidden {HIDDEN})",
+        "",
+        f"Machine: {machine_summary(results['machine'])}",
+        "",
+        f"Rows that travel are {results['row_widths']} wide (forward by layer, then the "
+        "gradients). Medians over the epochs after warm-up; `comm` is exposed halo time, "
+        "`quantize` the pack + unpack time inside compute.",
+        "",
+        "| run | epoch s | x vanilla | compute | comm | quantize | MiB/epoch | bytes x vanilla "
+        "| ideal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["runs"].items():
+        lines.append(
+            f"| {name} | {r['epoch_time_s']:.3f} | {r['time_ratio']:.2f} | {r['compute_s']:.3f} "
+            f"| {r['comm_s']:.3f} | {r.get('quantize_s', 0.0):.3f} "
+            f"| {r['comm_bytes'] / 2**20:.1f} | {r['byte_ratio']:.3f} "
+            f"| {r['ideal_byte_ratio']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
