@@ -19,65 +19,92 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace bns_pipe {
 namespace {
 
 constexpr int64_t kGrain = 256;  // rows
 
+// Rows [begin, end) of x (m, width) into out; kBits a compile-time constant, so a code's
+// byte and shift are shifts and masks, not divisions.
+template <int kBits>
+void quantize_range(const float* xs, const int64_t* ids, int64_t width, uint64_t key,
+                    uint8_t* os, int64_t begin, int64_t end) {
+  constexpr int kPerByte = 8 / kBits;
+  const int64_t nb = code_bytes(width, kBits);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* row = xs + r * width;
+    uint8_t* dst = os + r * (nb + 4);
+    float lo = width ? row[0] : 0.0f, hi = lo;
+    for (int64_t c = 1; c < width; ++c) {
+      lo = std::min(lo, row[c]);
+      hi = std::max(hi, row[c]);
+    }
+    const RowGrid grid(lo, hi, static_cast<float>((1 << kBits) - 1));
+    const uint64_t base = static_cast<uint64_t>(ids[r]) * static_cast<uint64_t>(width);
+    for (int64_t c = 0; c < width; ++c) {
+      const int shift = static_cast<int>(c % kPerByte) * kBits;
+      dst[c / kPerByte] |= static_cast<uint8_t>(grid.code(row[c], key, base + c) << shift);
+    }
+    std::memcpy(dst + nb, grid.meta, sizeof grid.meta);
+  }
+}
+
+template <int kBits>
+void dequantize_range(const uint8_t* ps, int64_t width, float* os, int64_t begin, int64_t end) {
+  constexpr int kPerByte = 8 / kBits;
+  const int64_t nb = code_bytes(width, kBits);
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* src = ps + r * (nb + 4);
+    uint16_t meta[2];
+    std::memcpy(meta, src + nb, sizeof meta);
+    const float lo = bf16_value(meta[0]), step = bf16_value(meta[1]);
+    for (int64_t c = 0; c < width; ++c) {
+      const int code = (src[c / kPerByte] >> (static_cast<int>(c % kPerByte) * kBits)) &
+                       ((1 << kBits) - 1);
+      os[r * width + c] = lo + static_cast<float>(code) * step;
+    }
+  }
+}
+
+// fn.template operator()<kBits>() for n_bits in {2, 4, 8}.
+template <typename Fn>
+void with_bits(int64_t n_bits, const Fn& fn) {
+  if (n_bits == 2) return fn(std::integral_constant<int, 2>{});
+  if (n_bits == 4) return fn(std::integral_constant<int, 4>{});
+  fn(std::integral_constant<int, 8>{});
+}
+
 at::Tensor quantize_rows_cpu(const at::Tensor& x, int64_t n_bits, int64_t key,
                              const at::Tensor& row_ids) {
   check_quantize_inputs(x, n_bits, row_ids);
-  const int64_t m = x.size(0), width = x.size(1), nb = code_bytes(width, n_bits);
-  auto out = at::zeros({m, nb + 4}, x.options().dtype(at::kByte));
+  const int64_t m = x.size(0), width = x.size(1);
+  auto out = at::zeros({m, code_bytes(width, n_bits) + 4}, x.options().dtype(at::kByte));
   const float* xs = x.data_ptr<float>();
   const int64_t* ids = row_ids.data_ptr<int64_t>();
   uint8_t* os = out.data_ptr<uint8_t>();
-  const float levels = static_cast<float>((1 << n_bits) - 1);
-  const int per_byte = static_cast<int>(8 / n_bits);
-  const uint64_t k = static_cast<uint64_t>(key);
-  at::parallel_for(0, m, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = xs + r * width;
-      uint8_t* dst = os + r * (nb + 4);
-      float lo_f = width ? row[0] : 0.0f, hi_f = lo_f;
-      for (int64_t c = 1; c < width; ++c) {
-        lo_f = std::min(lo_f, row[c]);
-        hi_f = std::max(hi_f, row[c]);
-      }
-      const RowGrid grid(lo_f, hi_f, levels);
-      const uint64_t base = static_cast<uint64_t>(ids[r]) * static_cast<uint64_t>(width);
-      for (int64_t c = 0; c < width; ++c) {
-        const int shift = static_cast<int>((c % per_byte) * n_bits);
-        dst[c / per_byte] |= static_cast<uint8_t>(grid.code(row[c], k, base + c) << shift);
-      }
-      std::memcpy(dst + nb, grid.meta, sizeof grid.meta);
-    }
+  with_bits(n_bits, [&](auto bits_constant) {
+    constexpr int kBits = decltype(bits_constant)::value;
+    at::parallel_for(0, m, kGrain, [&](int64_t begin, int64_t end) {
+      quantize_range<kBits>(xs, ids, width, static_cast<uint64_t>(key), os, begin, end);
+    });
   });
   return out;
 }
 
 at::Tensor dequantize_rows_cpu(const at::Tensor& payload, int64_t n_bits, int64_t width) {
   check_payload(payload, n_bits, width);
-  const int64_t nb = code_bytes(width, n_bits);
   const auto p = payload.contiguous();
   const int64_t m = p.size(0);
   auto out = at::empty({m, width}, p.options().dtype(at::kFloat));
   const uint8_t* ps = p.data_ptr<uint8_t>();
   float* os = out.data_ptr<float>();
-  const int per_byte = static_cast<int>(8 / n_bits);
-  const int mask = (1 << n_bits) - 1;
-  at::parallel_for(0, m, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* src = ps + r * (nb + 4);
-      uint16_t meta[2];
-      std::memcpy(meta, src + nb, sizeof meta);
-      const float lo = bf16_value(meta[0]), step = bf16_value(meta[1]);
-      for (int64_t c = 0; c < width; ++c) {
-        const int code = (src[c / per_byte] >> ((c % per_byte) * n_bits)) & mask;
-        os[r * width + c] = lo + static_cast<float>(code) * step;
-      }
-    }
+  with_bits(n_bits, [&](auto bits_constant) {
+    constexpr int kBits = decltype(bits_constant)::value;
+    at::parallel_for(0, m, kGrain, [&](int64_t begin, int64_t end) {
+      dequantize_range<kBits>(ps, width, os, begin, end);
+    });
   });
   return out;
 }
