@@ -64,7 +64,6 @@ class LocalGraph:
             "mean": 1.0 / degree[rows],
         }
         n_local = self.n_inner + self.n_halo
-        self.pattern = CSR(part.indptr, part.indices, None, n_local).to(device)
         self.blocks: dict[str, tuple[CSR, CSR]] = {}
         for kind, vals in values.items():
             full = CSR(part.indptr, part.indices, vals.to(dtype), n_local)
@@ -79,6 +78,7 @@ class LocalGraph:
         self.self_weight = (1.0 / (degree[: self.n_inner] + 1)).to(device, dtype).unsqueeze(1)
         self.sample: EpochSample | None = None
         self.sampled_blocks: dict[str, CSR] = {}
+        self.pattern: tuple[CSR, torch.Tensor] | None = None  # built on first use (GAT)
         self.sampled_pattern: tuple[CSR, torch.Tensor] | None = None
         self.row_scale: torch.Tensor | None = None
         self.norm, self.sample_scale, self.filter_s = "unbiased", 1.0, 0.0
@@ -133,14 +133,23 @@ class LocalGraph:
     def attention_pattern(self) -> tuple[CSR, torch.Tensor]:
         """The unweighted in-edges (n_inner, n_inner + n_kept_halo) over the columns ``[inner |
         halo rows in use]``, and those columns' global ids (n_inner + n_kept_halo,)."""
+        if self.pattern is None:
+            # the local CSR again, from its two blocks: rows list their columns in ascending
+            # order, inner before halo, so a stable sort by row restores the original order
+            inner, halo = self.blocks["gcn"]
+            rows = torch.cat([inner.row_ids(), halo.row_ids()])
+            cols = torch.cat([inner.indices, halo.indices + self.n_inner])
+            shape = (self.n_inner, self.n_inner + self.n_halo)
+            columns = torch.cat([self.global_ids, self.halo_global_ids])
+            self.pattern = CSR.from_coo(rows, cols, shape), columns
         if self.sample is None:
-            return self.pattern, torch.cat([self.global_ids, self.halo_global_ids])
+            return self.pattern
         if self.sampled_pattern is None:
             start = time.perf_counter()
             halo_keep = self.sample.halo_keep
             keep = torch.cat([halo_keep.new_ones(self.n_inner), halo_keep])
             columns = torch.cat([self.global_ids, self.halo_global_ids[halo_keep]])
-            self.sampled_pattern = filter_columns(self.pattern, keep), columns
+            self.sampled_pattern = filter_columns(self.pattern[0], keep), columns
             self.filter_s += time.perf_counter() - start
         return self.sampled_pattern
 

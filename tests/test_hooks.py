@@ -148,7 +148,7 @@ def test_every_point_is_called_and_messages_name_their_rows(tmp_path: Path) -> N
         progress=False,
     )
     run_ranks(_probe_worker, 2, config, tmp_path, timeout=120)
-    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     for r in ranks:
         assert r["calls"] == ["graph", "model"]
         # train epoch 0, evaluate, train epoch 1, evaluate

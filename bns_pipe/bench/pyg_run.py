@@ -75,8 +75,7 @@ def train(data, args: argparse.Namespace) -> dict:
     startup = memory_now_bytes(device)
     reset_peak_memory(device)
     times, curve, best, best_metric = [], [], (-1.0, 0.0), (-1.0, 0.0)
-    dataset = args.dataset
-    metric = resolve_metric(args.metric, dataset, False, data.num_classes)
+    metric = resolve_metric(args.metric, args.dataset, False, data.num_classes)
     masks = (data.val_mask.to(device), data.test_mask.to(device))
     elapsed = 0.0
     for epoch in range(args.epochs):
@@ -95,7 +94,7 @@ def train(data, args: argparse.Namespace) -> dict:
             net.eval()
             with torch.no_grad():
                 logits = net(data.x, adj)
-            scores = [_scores(metric, dataset, logits, data, m) for m in masks]
+            scores = [_scores(metric, args.dataset, logits, data, m) for m in masks]
             (val_acc, val_metric), (test_acc, test_metric) = scores
             curve.append(
                 {"epoch": epoch, "train_s": elapsed, "val_acc": val_acc, "val_metric": val_metric}
@@ -121,7 +120,7 @@ def _scores(metric: str, dataset: str, logits, data, mask) -> tuple[float, float
     """(accuracy, ``metric``) of the nodes of ``mask``, as ``bns-pipe train`` computes them."""
     logits, y = logits[mask], data.y[mask]
     ids = mask.nonzero().squeeze(1)
-    accuracy = float((logits.argmax(1) == y).float().mean())
+    accuracy = split_metric("accuracy", dataset, logits, y, ids, multilabel=False)
     if metric == "accuracy":
         return accuracy, accuracy
     return accuracy, split_metric(metric, dataset, logits, y, ids, multilabel=False)

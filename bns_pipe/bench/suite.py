@@ -137,7 +137,8 @@ def read_run(metrics: Path) -> dict:
     curve against cumulative training time, and the final values."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     epochs_rows, final = [r for r in rows if "epoch" in r], rows[-1]
-    record = {k: [r[k] for r in epochs_rows] for k in (*TIMES, "comm_bytes", *_hook_times(rows))}
+    keys = (*TIMES, "comm_bytes", *_hook_times(epochs_rows))
+    record = {k: [r[k] for r in epochs_rows] for k in keys}
     elapsed, curve = 0.0, []
     for r in epochs_rows:
         elapsed += r["epoch_time_s"]
@@ -153,9 +154,8 @@ def read_run(metrics: Path) -> dict:
     return record
 
 
-def _hook_times(rows: list[dict]) -> list[str]:
-    """The per-epoch seconds the run's hooks report (e.g. ``quantize_s``)."""
-    epochs = [r for r in rows if "epoch" in r]
+def _hook_times(epochs: list[dict]) -> list[str]:
+    """The per-epoch seconds the run's hooks report (e.g. ``quantize_s``) in its epoch rows."""
     keys = [k for k in epochs[0] if k.endswith("_s") and k not in (*TIMES, "eval_time_s")]
     return [k for k in keys if all(k in r for r in epochs)]
 
