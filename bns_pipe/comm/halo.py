@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
-from bns_pipe.hooks import LayerHook, Message
+from bns_pipe.hooks import BytePayload, LayerHook, Message
 from bns_pipe.sampling import EpochSample, full_sample, pack_rows, scatter_add_rows
 
 
@@ -32,7 +32,7 @@ class Transfer:
     """
 
     work: dist.Work | None
-    received: torch.Tensor
+    received: torch.Tensor | BytePayload
     message: Message  # what the received rows are, for the hooks' on_receive
     started: float = field(default_factory=time.perf_counter)
     done_at: float | None = None
@@ -135,15 +135,22 @@ class HaloExchange:
         sent: Message,
         arriving: Message,
     ) -> Transfer:
+        sizes = {"send_rows": tuple(in_splits), "recv_rows": tuple(out_splits)}
+        sent, arriving = replace(sent, **sizes), replace(arriving, **sizes)
         payload = rows.contiguous()
         for hook in self.hooks:
-            payload = hook.on_send(sent, payload).contiguous()
-        received = payload.new_empty((sum(out_splits), *payload.shape[1:]))
+            payload = hook.on_send(sent, payload)
+        if isinstance(payload, BytePayload):  # one byte buffer, split by peer
+            received = payload.arriving()
+            buffers = received.data, payload.data.contiguous()
+            out_splits, in_splits = payload.recv_bytes, payload.send_bytes
+        else:
+            payload = payload.contiguous()
+            received = payload.new_empty((sum(out_splits), *payload.shape[1:]))
+            buffers = received, payload
         if len(out_splits) == 1:  # one rank: nothing travels
             return Transfer(None, received, arriving)
-        work = dist.all_to_all_single(
-            received, payload, out_splits, in_splits, group=self.group, async_op=True
-        )
+        work = dist.all_to_all_single(*buffers, out_splits, in_splits, self.group, async_op=True)
         transfer = Transfer(work, received, arriving)
         work.get_future().add_done_callback(lambda _: _mark_done(transfer))
         return transfer

@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bns_pipe.errors import ConfigError
-from bns_pipe.hooks.base import EpochContext, InnerOperator, LayerHook, Message
+from bns_pipe.hooks.base import BytePayload, EpochContext, InnerOperator, LayerHook, Message
 from bns_pipe.hooks.byte_counter import ByteCounter
 from bns_pipe.hooks.quant import QuantHook
 
 __all__ = [
     "HOOKS",
     "ByteCounter",
+    "BytePayload",
     "EpochContext",
     "InnerOperator",
     "LayerHook",

@@ -10,8 +10,10 @@ A hook overrides any of these points; each default leaves training unchanged:
   path, so BNS and the pipeline are untouched.
 - messages: ``on_send(message, rows) -> payload`` and ``on_receive(message, payload) ->
   rows`` around every halo transfer; :class:`Message` names the layer, the direction
-  (``"forward"``: features, ``"backward"``: feature gradients) and the global ids of the rows.
-  A payload keeps the row count of ``rows`` (any width or dtype, e.g. packed bytes per row).
+  (``"forward"``: features, ``"backward"``: feature gradients), the global ids of the rows
+  and the rows per peer. A payload keeps the row count of ``rows`` (any width or dtype, e.g.
+  packed bytes per row), or is a :class:`BytePayload`: one byte buffer split by peer, for
+  rows coded differently per peer.
 - weights: ``on_model(model)``, once after the model is built (and before its replicas are
   synchronised), e.g. to register ``torch.nn.utils.parametrize`` parametrizations on conv
   weights; every rank applies the same, so the gradient all-reduce is unchanged.
@@ -49,14 +51,18 @@ class EpochContext:
 
 @dataclass(frozen=True)
 class Message:
-    """One halo transfer as a message hook sees it: ``layer``, ``direction`` and where its
+    """One halo transfer as a message hook sees it: ``layer``, ``direction``, where its
     rows' global ids come from (``id_table[index]``: ``index`` int64 positions or a bool
-    mask; no table when the exchange was built without ids)."""
+    mask; no table when the exchange was built without ids) and the rows this rank sends to
+    (``send_rows[j]``) and receives from (``recv_rows[j]``) each peer j in this transfer (rows
+    are grouped by peer in rank order)."""
 
     layer: int
     direction: str
     id_table: Tensor | None = None
     index: Tensor | None = None
+    send_rows: tuple[int, ...] = ()
+    recv_rows: tuple[int, ...] = ()
 
     @property
     def global_ids(self) -> Tensor:
@@ -64,6 +70,24 @@ class Message:
         if self.id_table is None or self.index is None:
             raise ValueError("this halo exchange was built without global ids")
         return self.id_table[self.index]
+
+
+@dataclass
+class BytePayload:
+    """A payload as one flat byte buffer: ``data`` (sum(send_bytes),) uint8 in peer order,
+    ``send_bytes[j]`` / ``recv_bytes[j]`` the bytes going to / coming from peer j (both sides
+    must agree), ``plan`` what the receiving hook needs to decode it (kept with the transfer,
+    never sent). On receive (:meth:`arriving`), ``data`` holds the received bytes."""
+
+    data: Tensor
+    send_bytes: list[int]
+    recv_bytes: list[int]
+    plan: object = None
+
+    def arriving(self) -> BytePayload:
+        """The empty receive side of this payload: a buffer of sum(recv_bytes) bytes."""
+        data = self.data.new_empty(sum(self.recv_bytes))
+        return BytePayload(data, self.send_bytes, self.recv_bytes, self.plan)
 
 
 class InnerOperator(Protocol):
@@ -91,10 +115,10 @@ class LayerHook:
     def on_epoch(self, context: EpochContext) -> None:
         return None
 
-    def on_send(self, message: Message, rows: Tensor) -> Tensor:
+    def on_send(self, message: Message, rows: Tensor) -> Tensor | BytePayload:
         return rows
 
-    def on_receive(self, message: Message, payload: Tensor) -> Tensor:
+    def on_receive(self, message: Message, payload: Tensor | BytePayload) -> Tensor | BytePayload:
         return payload
 
     def epoch_times(self) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bns_pipe.hooks.base import LayerHook, Message
+from bns_pipe.hooks.base import BytePayload, LayerHook, Message
 
 
 class ByteCounter(LayerHook):
@@ -18,8 +18,9 @@ class ByteCounter(LayerHook):
     def __init__(self) -> None:
         self.sent = {"forward": 0, "backward": 0}
 
-    def on_send(self, message: Message, rows: Tensor) -> Tensor:
-        self.sent[message.direction] += rows.numel() * rows.element_size()
+    def on_send(self, message: Message, rows: Tensor | BytePayload) -> Tensor | BytePayload:
+        data = rows.data if isinstance(rows, BytePayload) else rows
+        self.sent[message.direction] += data.numel() * data.element_size()
         return rows
 
     def total(self) -> int:

@@ -1,4 +1,6 @@
-"""Halo-message quantization: ``--hook quant:bits=8|4|2[,fwd_bits=B,bwd_bits=B]``.
+"""Halo-message quantization: ``--hook quant:bits=8|4|2[,fwd_bits=B,bwd_bits=B]``, or
+``--hook quant:bits=adaptive,budget=B`` (2, 4 or 8 bits a row, chosen by the variance the row
+adds to the aggregation, within B average bits: :mod:`bns_pipe.hooks.bit_allocation`).
 
 Every halo row that travels in training (features forward, feature gradients backward) is
 sent as b-bit codes with a per-row grid, unbiased by stochastic rounding. For a row x of F
@@ -22,18 +24,22 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from bns_pipe import _ext
-from bns_pipe.hooks.base import EpochContext, LayerHook, Message
+from bns_pipe.hooks.base import BytePayload, EpochContext, LayerHook, Message
+from bns_pipe.hooks.bit_allocation import BITS, allocate, forward_weights, message_bytes
 from bns_pipe.random import has_ext_kernel, stream_key, to_int64, uniform
+
+if TYPE_CHECKING:
+    from bns_pipe.partition import Partition
 
 __all__ = ["QUANT_STREAM", "QuantHook", "dequantize", "quantize"]
 
 QUANT_STREAM = int.from_bytes(b"bns-quan", "little")
-BITS = (2, 4, 8)
 DIRECTIONS = {"forward": 0, "backward": 1}
 
 
@@ -114,32 +120,64 @@ def _unpack(packed: Tensor, bits: int, width: int) -> Tensor:
 
 class QuantHook(LayerHook):
     """Quantizes training-time halo messages at ``fwd_bits`` / ``bwd_bits`` (both ``bits``
-    unless given); evaluation messages pass unchanged."""
+    unless given), or with ``bits=adaptive`` at 2, 4 or 8 bits a row within ``budget`` average
+    bits a value (:mod:`bns_pipe.hooks.bit_allocation`; the payload is then a
+    :class:`BytePayload`); evaluation messages pass unchanged."""
 
     name = "quant"
 
-    def __init__(self, bits: str = "8", fwd_bits: str | None = None, bwd_bits: str | None = None):
-        if bits == "adaptive":
-            raise ValueError("bits=adaptive is not available yet; use bits=8, 4 or 2")
+    def __init__(
+        self,
+        bits: str = "8",
+        fwd_bits: str | None = None,
+        bwd_bits: str | None = None,
+        budget: str | None = None,
+    ):
+        self.budget = None
         try:
+            if bits == "adaptive":
+                if fwd_bits or bwd_bits or budget is None:
+                    raise ValueError("bits=adaptive takes budget=B, not fwd_bits or bwd_bits")
+                self.budget = float(budget)
+                if not 2 <= self.budget <= 8:
+                    raise ValueError(f"budget must be in [2, 8] bits a value, got {budget}")
+                bits = str(max(b for b in BITS if b <= self.budget))  # the uniform reference
+            elif budget is not None:
+                raise ValueError("budget goes with bits=adaptive")
             uniform_bits = int(bits)
             self.bits = {
                 "forward": _check_bits(int(fwd_bits) if fwd_bits else uniform_bits),
                 "backward": _check_bits(int(bwd_bits) if bwd_bits else uniform_bits),
             }
         except ValueError as exc:
-            raise ValueError(f"quant: {exc} (bits=8|4|2[,fwd_bits=…,bwd_bits=…])") from None
+            usage = "bits=8|4|2[,fwd_bits=…,bwd_bits=…] or bits=adaptive,budget=B"
+            raise ValueError(f"quant: {exc} ({usage})") from None
         self.context = EpochContext(0, training=False)
         # (layer, direction) → the (width, dtype) of its rows: the same on every rank
         self.shapes: dict[tuple[int, str], tuple[int, torch.dtype]] = {}
         self.seconds = self.total_seconds = 0.0
         self.epochs = 0
+        # adaptive: inner rows' weights by sorted global id; per direction [bits, values]
+        # sent and [V/L_b², V/L_ref²] summed over the rows sent (ref: the uniform bits)
+        self.inner_ids = self.weights = None
+        self.sent = {d: [0.0, 0.0] for d in DIRECTIONS}
+        self.variance = [0.0, 0.0]
+
+    def on_graph(self, part: Partition) -> Partition:
+        if self.budget is not None:
+            owner = torch.repeat_interleave(torch.arange(part.num_parts), part.halo_counts)
+            weights = forward_weights(
+                part.indptr, part.indices, part.n_inner, owner, part.in_degree, part.num_parts
+            )
+            order = torch.argsort(part.inner_global_ids)
+            self.inner_ids, self.weights = part.inner_global_ids[order], weights[order]
+        return part
 
     def on_epoch(self, context: EpochContext) -> None:
         self.context = context
         self.epochs += context.training
 
-    def on_send(self, message: Message, rows: Tensor) -> Tensor:
+    def on_send(self, message: Message, rows: Tensor) -> Tensor | BytePayload:
         self.shapes[message.layer, message.direction] = (rows.shape[1], rows.dtype)
         if not self.context.training or message.layer < 0:  # evaluation, set-up exchanges
             return rows
@@ -147,19 +185,78 @@ class QuantHook(LayerHook):
         direction = DIRECTIONS[message.direction]
         ctx = self.context
         key = stream_key(ctx.seed, QUANT_STREAM, ctx.epoch, message.layer, direction)
-        payload = quantize(rows, self.bits[message.direction], key, message.global_ids)
+        if self.budget is None:
+            payload = quantize(rows, self.bits[message.direction], key, message.global_ids)
+        else:
+            payload = self._send_adaptive(message, rows, key)
         self._spent(start)
         return payload
 
-    def on_receive(self, message: Message, payload: Tensor) -> Tensor:
-        """Dequantize what was sent quantized (uint8; a pipelined transfer may arrive after
-        an evaluation, so the payload, not the epoch, tells)."""
-        if payload.dtype != torch.uint8:
+    def _send_adaptive(self, message: Message, rows: Tensor, key: int) -> BytePayload:
+        """Each row at its width (module docstring of :mod:`~bns_pipe.hooks.bit_allocation`)."""
+        width, ids, counts = rows.shape[1], message.global_ids, message.send_rows
+        peer = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        spread = (rows.amax(1) - rows.amin(1)).double().cpu() ** 2 * (width / 4)
+        if message.direction == "forward" and self.weights is not None:
+            spread *= self.weights[torch.searchsorted(self.inner_ids, ids.cpu()), peer]
+        bits = allocate(spread, list(counts), width, self.budget)
+        self._account(message.direction, bits, spread, width)
+        bits, peer = bits.to(rows.device), peer.to(rows.device)
+        coded = [quantize(rows[bits == b], b, key, ids[bits == b]) for b in BITS]
+        per_peer = [torch.bincount(peer[bits == b], minlength=len(counts)).tolist() for b in BITS]
+        chunks = [c.split(n) for c, n in zip(coded, per_peer, strict=True)]
+        tags = torch.bucketize(bits, torch.tensor(BITS, device=bits.device)).to(torch.uint8)
+        pieces = []
+        for j, tag in enumerate(tags.split(counts)):
+            body = [_pack(tag[None], 2).flatten(), *(c[j].flatten() for c in chunks)]
+            size = message_bytes(counts[j], width, self.budget)
+            used = sum(piece.numel() for piece in body)
+            pieces += [*body, rows.new_zeros(size - used, dtype=torch.uint8)]
+        return BytePayload(
+            torch.cat(pieces),
+            [message_bytes(n, width, self.budget) for n in counts],
+            [message_bytes(n, width, self.budget) for n in message.recv_rows],
+        )
+
+    def _account(self, direction: str, bits: Tensor, spread: Tensor, width: int) -> None:
+        self.sent[direction][0] += float(bits.sum()) * width
+        self.sent[direction][1] += bits.numel() * width
+        reference = (1 << self.bits[direction]) - 1
+        self.variance[0] += float((spread / ((2.0**bits) - 1) ** 2).sum())
+        self.variance[1] += float(spread.sum()) / reference**2
+
+    def on_receive(self, message: Message, payload: Tensor | BytePayload) -> Tensor:
+        """Dequantize what was sent quantized (a pipelined transfer may arrive after an
+        evaluation, so the payload, not the epoch, tells)."""
+        if isinstance(payload, Tensor) and payload.dtype != torch.uint8:
             return payload
         start = time.perf_counter()
         width, dtype = self.shapes[message.layer, message.direction]
-        rows = dequantize(payload, self.bits[message.direction], width, dtype)
+        if isinstance(payload, BytePayload):
+            rows = self._receive_adaptive(message, payload, width, dtype)
+        else:
+            rows = dequantize(payload, self.bits[message.direction], width, dtype)
         self._spent(start)
+        return rows
+
+    def _receive_adaptive(
+        self, message: Message, payload: BytePayload, width: int, dtype: torch.dtype
+    ) -> Tensor:
+        """Read each peer's tags, then its rows class by class."""
+        tags, coded = [], [[] for _ in BITS]
+        for n, data in zip(message.recv_rows, payload.data.split(payload.recv_bytes), strict=True):
+            tag = _unpack(data[None, : math.ceil(n / 4)], 2, n).flatten()
+            offset = math.ceil(n / 4)
+            for k, b in enumerate(BITS):
+                size = row_bytes(width, b)
+                count = int((tag == k).sum())
+                coded[k].append(data[offset : offset + count * size].view(count, size))
+                offset += count * size
+            tags.append(tag)
+        tag = torch.cat(tags)
+        rows = torch.empty(tag.numel(), width, dtype=dtype, device=payload.data.device)
+        for k, b in enumerate(BITS):
+            rows[tag == k] = dequantize(torch.cat(coded[k]), b, width, dtype)
         return rows
 
     def _spent(self, start: float) -> None:
@@ -172,8 +269,13 @@ class QuantHook(LayerHook):
         return {"quantize_s": seconds}
 
     def report(self) -> dict:
-        return {
-            "avg_bits_forward": float(self.bits["forward"]),
-            "avg_bits_backward": float(self.bits["backward"]),
-            "quantize_s": self.total_seconds / max(self.epochs, 1),
-        }
+        """Uniform: the bits. Adaptive: the average bits a value this rank sent (rank 0's in
+        the final metrics), and the weighted variance against uniform ``budget`` bits."""
+        report = {f"avg_bits_{d}": float(self.bits[d]) for d in DIRECTIONS}
+        if self.budget is not None:
+            for d, (bits, values) in self.sent.items():
+                report[f"avg_bits_{d}"] = bits / values if values else 0.0
+            adaptive, uniform = self.variance
+            report["budget"] = self.budget
+            report["variance_vs_uniform"] = adaptive / uniform if uniform else 1.0
+        return {**report, "quantize_s": self.total_seconds / max(self.epochs, 1)}
