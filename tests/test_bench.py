@@ -12,6 +12,8 @@ from bns_pipe.bench.suite import METHODS, Settings, aggregate, bench, runs
 
 def test_every_method_runs_and_the_report_is_complete(tmp_path: Path) -> None:
     settings = Settings(graphs=["tiny"], worlds=[1, 2], epochs=2, warmup=1, repeats=1, metric="f1")
+    assert "quant-4" in METHODS and "quant-4" not in settings.methods  # opt-in methods
+    settings.methods = list(METHODS)
     results = bench(settings, tmp_path, progress=False)
     done = {(r["method"], r["world"]) for r in results["runs"]}
     assert done == {(m.name, 2 if m.distributed else 1) for m in METHODS.values()}
@@ -27,6 +29,8 @@ def test_every_method_runs_and_the_report_is_complete(tmp_path: Path) -> None:
         assert abs(parts - run["epoch_time_s"]) < 1e-9  # one whole epoch, stacked
     bns = {r["method"]: r["comm_bytes"] for r in saved["runs"] if r["world"] == 2}
     assert bns["bns-0.1"] < 0.2 * bns["vanilla"]
+    assert bns["quant-8"] < 0.3 * bns["vanilla"] and bns["quant-2"] < bns["quant-4"]
+    assert bns["quant-adaptive-4"] < 1.05 * bns["quant-4"]
     table = (tmp_path / "results.md").read_text().splitlines()
     assert any(line.endswith("| test f1 |") for line in table)
     assert sum(line.startswith("| tiny |") for line in table) == len(METHODS)

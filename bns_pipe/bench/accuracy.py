@@ -95,7 +95,9 @@ METHODS = {
         4,
         (*suite.METHODS["pipeline+bns-0.1"].flags, *SMOOTH, *RENORM),
     ),
+    **{name: (4, suite.METHODS[name].flags) for name in suite.METHODS if name.startswith("quant")},
 }
+DEFAULT_METHODS = [name for name in METHODS if "quant" not in name]
 
 
 @dataclass
@@ -277,7 +279,7 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--datasets", nargs="+", help=f"default: every one of the model's {datasets}"
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"of {list(METHODS)}")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"of {list(METHODS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, help="override every dataset's epochs")
     parser.add_argument("--out", type=Path, default=Path("runs/accuracy"))

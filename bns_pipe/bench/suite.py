@@ -52,8 +52,14 @@ METHODS = {
         Method("bns-0.01", True, ("--sampling-rate", "0.01")),
         Method("pipeline", True, ("--pipeline",)),
         Method("pipeline+bns-0.1", True, ("--pipeline", "--sampling-rate", "0.1")),
+        # halo quantization (--hook quant): not in the default list
+        *(Method(f"quant-{b}", True, ("--hook", f"quant:bits={b}")) for b in (8, 4, 2)),
+        Method("quant-adaptive-4", True, ("--hook", "quant:bits=adaptive,budget=4")),
+        Method("bns-0.1+quant-4", True, ("--sampling-rate", "0.1", "--hook", "quant:bits=4")),
+        Method("pipeline+quant-4", True, ("--pipeline", "--hook", "quant:bits=4")),
     )
 }
+DEFAULT_METHODS = [name for name in METHODS if "quant" not in name]
 
 _SYNTHETIC = ["--dataset", "synthetic", "--num-nodes"]
 # name → dataset flags, shared by `bns-pipe train` and the PyG runner
@@ -70,7 +76,7 @@ GRAPHS: dict[str, list[str]] = {
 @dataclass
 class Settings:
     graphs: list[str] = field(default_factory=lambda: ["small", "medium"])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     worlds: list[int] = field(default_factory=lambda: [1, 2, 4])
     epochs: int = 10
     warmup: int = 3
