@@ -156,6 +156,7 @@ def read_run(metrics: Path) -> dict:
         **{key: final[key] for key in SCORES if key in final},
         peak_mem_bytes_per_rank=epochs_rows[-1]["peak_mem_bytes_per_rank"],
         startup_mem_bytes_per_rank=final["startup_mem_bytes_per_rank"],
+        hooks=final.get("hooks", {}),
     )
     return record
 
@@ -183,6 +184,7 @@ def summarise(record: dict, warmup: int) -> dict:
         mem_growth_bytes=max(p - s for p, s in zip(peak, startup, strict=True)),
         **{key: record[key] for key in SCORES if key in record},
         curve=record["curve"],
+        hooks=record["hooks"],
     )
     return summary
 
