@@ -5,7 +5,8 @@ partitions (default 4, METIS; ``--method random`` for a communication-heavy cut)
 benchmark's model (3 layers, hidden 128, dropout 0.5). Each configuration is one
 ``bns-pipe train`` launch: vanilla, 8/4/2 bits, adaptive widths at a budget of 4 bits, and 4
 bits with BNS p = 0.1 and with the pipeline. Reported per configuration: median epoch time
-with its parts, ``quantize_s`` and its share of the exposed communication time it saves,
+with its parts, ``quantize_s`` and its share of the transfer time it saves (the bytes saved
+at this machine's measured all-to-all rate between K local gloo ranks, and at a 10 Gb/s link),
 halo bytes per epoch, their ratio to vanilla and to the ideal ratio of the row widths that
 travel (``(ceil(F·b/8) + 4) / 4F`` per layer, F the narrow side of each layer), and for the
 adaptive run its aggregation-weighted rounding variance against uniform 4 bits.
@@ -19,9 +20,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,6 +77,34 @@ def ideal_ratio(widths: list[int], bits: int) -> float:
     return sum(row_bytes(w, bits) for w in widths) / sum(4 * w for w in widths)
 
 
+LINK_BYTES_PER_S = 10e9 / 8  # a 10 Gb/s link, one direction
+PROBE_BYTES = 64 * 2**20  # what each rank sends in one probe all-to-all
+
+
+def _probe(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    send = torch.ones(PROBE_BYTES // 4 // world * world)
+    received = torch.empty_like(send)
+    times = []
+    for _ in range(6):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_to_all_single(received, send)
+        times.append(time.perf_counter() - start)
+    if rank == 0:
+        torch.save(torch.tensor(sorted(times[1:])[2]), out)
+    dist.destroy_process_group()
+
+
+def all_to_all_rate(world: int, tmp: Path) -> float:
+    """Bytes a second each of ``world`` local gloo ranks sends in an all-to-all (median)."""
+    out = str(tmp / "probe.pt")
+    port = 29_000 + os.getpid() % 1000
+    mp.start_processes(_probe, args=(world, port, out), nprocs=world, start_method="spawn")
+    return PROBE_BYTES / float(torch.load(out, weights_only=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_graph_arguments(parser, "quant.json")
@@ -92,6 +127,7 @@ def main() -> None:
         part_dir = str(tmp / "parts")
         dataset = {"name": "synthetic", "options": graph}
         partition(data, args.parts, part_dir, method=args.method, dataset=dataset, verbose=False)
+        results["all_to_all_bytes_per_s"] = all_to_all_rate(args.parts, tmp)
         for name, (bits, flags) in CONFIGS.items():
             log(f"{args.parts} ranks: {name}")
             (tmp / name).mkdir()
@@ -102,8 +138,11 @@ def main() -> None:
     for run in results["runs"].values():
         run["byte_ratio"] = run["comm_bytes"] / vanilla["comm_bytes"]
         run["time_ratio"] = run["epoch_time_s"] / vanilla["epoch_time_s"]
-        saved = vanilla["comm_s"] - run["comm_s"]
-        run["quantize_per_comm_saved"] = run.get("quantize_s", 0.0) / saved if saved > 0 else None
+        # per rank: comm_bytes is the sum over the K ranks
+        saved = (vanilla["comm_bytes"] - run["comm_bytes"]) / results["partition"]["parts"]
+        for key, rate in (("local", results["all_to_all_bytes_per_s"]), ("link", LINK_BYTES_PER_S)):
+            share = run.get("quantize_s", 0.0) / (saved / rate) if saved > 0 else None
+            run[f"quantize_per_saved_{key}"] = share
     write_results(Path(args.out), results, info, markdown)
 
 
@@ -118,21 +157,24 @@ def markdown(results: dict) -> str:
         "",
         f"Rows that travel are {results['row_widths']} wide (forward by layer, then the "
         "gradients). Medians over the epochs after warm-up; `comm` is exposed halo time, "
-        "`quantize` the pack + unpack time inside compute, `q/saved` its share of the exposed "
-        "communication time saved against vanilla (– where none is saved); `variance` the "
-        "adaptive run's aggregation-weighted rounding variance over uniform 4 bits'.",
+        "`quantize` the pack + unpack time inside compute (the slowest rank's). `q/saved` is "
+        "`quantize` over the transfer time the saved bytes take per rank, at this machine's "
+        f"all-to-all rate between {p['parts']} local gloo ranks "
+        f"({results['all_to_all_bytes_per_s'] / 2**30:.2f} GiB/s a rank) and on a 10 Gb/s "
+        "link; `variance` is the adaptive run's aggregation-weighted rounding variance over "
+        "uniform 4 bits' (rank 0's rows).",
         "",
-        "| run | epoch s | x vanilla | compute | comm | quantize | q/saved | MiB/epoch "
-        "| bytes x vanilla | ideal | variance |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | epoch s | x vanilla | compute | comm | quantize | q/saved local | q/saved 10 Gb/s "
+        "| MiB/epoch | bytes x vanilla | ideal | variance |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["runs"].items():
-        share = r["quantize_per_comm_saved"]
         variance = r["hooks"].get("quant", {}).get("variance_vs_uniform")
+        shares = [r[f"quantize_per_saved_{key}"] for key in ("local", "link")]
+        share_cells = " | ".join("–" if v is None or v == 0 else f"{v:.2f}" for v in shares)
         lines.append(
             f"| {name} | {r['epoch_time_s']:.3f} | {r['time_ratio']:.2f} | {r['compute_s']:.3f} "
-            f"| {r['comm_s']:.3f} | {r.get('quantize_s', 0.0):.3f} "
-            f"| {'–' if share is None else f'{share:.2f}'} "
+            f"| {r['comm_s']:.3f} | {r.get('quantize_s', 0.0):.3f} | {share_cells} "
             f"| {r['comm_bytes'] / 2**20:.1f} | {r['byte_ratio']:.3f} "
             f"| {r['ideal_byte_ratio']:.3f} | {'–' if variance is None else f'{variance:.2f}'} |"
         )
