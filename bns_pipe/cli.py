@@ -258,6 +258,31 @@ def _run_accuracy(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _compress_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or model.pt")
+    parser.add_argument(
+        "--method",
+        required=True,
+        help="kmeans:k=K (weights shared by K centres) or int:bits=B (integers per row)",
+    )
+    parser.add_argument("--out", required=True, help="the compressed file to write")
+
+
+def _run_compress(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bns_pipe import compress
+    from bns_pipe.train.checkpoint import read_model_file
+
+    blob = read_model_file(args.checkpoint)
+    if "optimizer" not in blob:
+        raise BnsPipeError(f"{args.checkpoint} is already compressed: compress a checkpoint")
+    content, table = compress.compress_state(blob["model"], blob["config"], args.method)
+    compress.write(args.out, content)
+    text, summary = compress.report(table)
+    print(text)
+    print(json.dumps({"out": args.out, "method": args.method, **summary}))
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
 COMMANDS: tuple[Command, ...] = (
     ("partition", _partition_arguments, _run_partition),
@@ -267,6 +292,7 @@ COMMANDS: tuple[Command, ...] = (
     ("demo", _demo_arguments, _run_demo),
     ("bench", _bench_arguments, _run_bench),
     ("accuracy", _accuracy_arguments, _run_accuracy),
+    ("compress", _compress_arguments, _run_compress),
 )
 _HELP = {
     "partition": "partition a dataset once into K per-rank subgraphs",
@@ -276,6 +302,7 @@ _HELP = {
     "demo": "run the main job on the built-in synthetic graph",
     "bench": "time every training method (PyG, ours, BNS, pipeline) side by side; plots",
     "accuracy": "paired-seed accuracy of every method against single-process (resumable)",
+    "compress": "write a checkpoint's model as a compact file (k-means sharing, integers)",
 }
 
 

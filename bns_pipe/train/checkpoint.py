@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bns_pipe import compress
 from bns_pipe.errors import BnsPipeError
 from bns_pipe.train.distributed import DistContext
 
@@ -242,18 +243,25 @@ def newest_complete(directory: str | Path, warn: bool = True) -> Path | None:
 
 
 def read_model_file(path: str | Path) -> dict:
-    """Load ``model.pt`` (a checkpoint directory or the file itself) without unpickling code."""
+    """Load ``model.pt`` (a checkpoint directory or the file itself) or a compressed model
+    file (:mod:`bns_pipe.compress`, decompressed) without unpickling code: ``{"model",
+    "config"}`` at least."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        blob = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {path} does not exist") from exc
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a bns_pipe checkpoint: {exc}"
         ) from exc
+    if compress.is_compressed(blob):
+        return compress.read(blob, str(path))
+    if not (isinstance(blob, dict) and {"model", "config"} <= blob.keys()):
+        raise CheckpointError(f"{path} is not a bns_pipe checkpoint (no model and config)")
+    return blob
 
 
 def load_latest(

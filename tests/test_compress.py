@@ -1,0 +1,165 @@
+"""Compressed model files (``bns-pipe compress``): the codecs, the file's byte accounting,
+round trips through ``bns-pipe eval`` and ``load_model``, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bns_pipe import compress
+from bns_pipe.cli import main
+from bns_pipe.compress.codecs import IntCodec, KMeansCodec, kmeans_1d, pack_bits, unpack_bits
+from bns_pipe.errors import BnsPipeError, ConfigError
+from bns_pipe.train.checkpoint import CheckpointError, read_model_file
+
+
+def test_bits_round_trip() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for bits in (1, 3, 4, 7, 16):
+        codes = torch.randint(0, 1 << bits, (101,), generator=gen)
+        packed = pack_bits(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(101 * bits / 8)
+        assert torch.equal(unpack_bits(packed, bits, 101), codes)
+
+
+def test_kmeans_shares_k_centres_and_beats_uniform_levels() -> None:
+    """Every decoded weight is one of the K centres; the centres are the means of their
+    clusters (a Lloyd fixed point); the error is below K evenly spaced levels'."""
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
+    codec = KMeansCodec(k="16")
+    decoded = codec.decode(codec.encode(w), tuple(w.shape))
+    centres, index = kmeans_1d(w, 16)
+    assert torch.unique(decoded).numel() <= 16
+    assert set(torch.unique(decoded).tolist()) <= set(centres.float().tolist())
+    for c in range(16):
+        assert torch.isclose(w.flatten()[index == c].double().mean(), centres[c])
+    levels = torch.linspace(float(w.min()), float(w.max()), 16)
+    uniform = levels[(w.flatten()[:, None] - levels).abs().argmin(1)]
+    assert (decoded - w).pow(2).mean() < 0.7 * (uniform - w.flatten()).pow(2).mean()
+    few = torch.tensor([[0.5, -1.0], [0.5, 2.0]])  # fewer distinct values than k: exact
+    assert torch.equal(codec.decode(codec.encode(few), (2, 2)), few)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_int_codec_is_within_half_a_step(bits: int) -> None:
+    w = torch.randn(10, 30, generator=torch.Generator().manual_seed(bits))
+    w[3] = 0.0  # a zero row decodes to zeros
+    codec = IntCodec(bits=str(bits))
+    fields = codec.encode(w)
+    decoded = codec.decode(fields, (10, 30))
+    step = fields["scale"][:, None]
+    if bits > 1:
+        assert ((decoded - w).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(decoded[3], torch.zeros(30))
+    assert fields["codes"].numel() == math.ceil(300 * bits / 8)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("kmeans:k=1", "k >= 2"),
+        ("int:bits=0", r"bits in \[1, 16\]"),
+        ("int:bits=17", r"bits in \[1, 16\]"),
+        ("zip", "unknown compression method"),
+        ("kmeans:centres=4", "unexpected keyword"),
+    ],
+)
+def test_bad_methods_are_rejected(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compress.parse_method(spec)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 2-layer GCN trained 20 epochs on one rank of the synthetic gold graph (float64, so
+    evaluations on 1 and 2 ranks agree exactly)."""
+    from bns_pipe.partition import partition
+    from tests.test_gold import gold_dataset
+
+    tmp = tmp_path_factory.mktemp("compress")
+    partition(gold_dataset("synthetic"), 1, tmp / "p", verbose=False)
+    run = ["--partition-dir", str(tmp / "p"), "--epochs", "20", "--hidden", "32"]
+    run += ["--dtype", "float64"]
+    saving = ["--checkpoint-dir", str(tmp / "ckpt"), "--checkpoint-every", "20", "--no-progress"]
+    assert main(["train", *run, *saving]) == 0
+    return tmp
+
+
+def _eval(capfd, checkpoint: Path, partition_dir: Path) -> dict:
+    assert (
+        main(["eval", "--checkpoint", str(checkpoint), "--partition-dir", str(partition_dir)]) == 0
+    )
+    return json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", ["kmeans:k=16", "int:bits=4"])
+def test_compressed_file_round_trips(trained: Path, capfd, spec: str) -> None:
+    """compress → the ratio equals the byte counts; the file holds no optimiser state and at
+    most 4 KB of metadata; eval and load_model of the file give the decompressed model's
+    logits on any world size (here 1 rank and a fresh model)."""
+    from bns_pipe.api import load_model
+    from tests.test_gold import gold_dataset
+
+    checkpoint = next((trained / "ckpt").glob("epoch_*"))
+    out = trained / f"{spec.replace(':', '-')}.pt"
+    assert (
+        main(["compress", "--checkpoint", str(checkpoint), "--method", spec, "--out", str(out)])
+        == 0
+    )
+    summary = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    raw = torch.load(out, weights_only=True)
+    assert compress.is_compressed(raw) and "optimizer" not in raw and raw["meta"].numel() <= 4096
+    payload = {
+        n: sum(t.numel() * t.element_size() for t in f.values()) for n, f in raw["payload"].items()
+    }
+    plain = read_model_file(checkpoint)["model"]
+    for name, ratio in summary["layers"].items():
+        assert ratio == pytest.approx(plain[name].numel() * 4 / payload[name])
+    total = sum(plain[n].numel() * 4 for n in payload) / sum(payload.values())
+    assert summary["ratio"] == pytest.approx(total) and summary["ratio"] > 6
+    decoded = read_model_file(out)["model"]
+    assert decoded.keys() == plain.keys()
+    scores = _eval(capfd, out, trained / "p")
+    assert scores["test"] > 0.5  # still a trained model
+    if spec.startswith("kmeans"):  # any world size: 2 ranks score the same
+        from bns_pipe.partition import partition
+
+        if not (trained / "p2").exists():
+            partition(gold_dataset("synthetic"), 2, trained / "p2", verbose=False)
+        assert _eval(capfd, out, trained / "p2") == {**scores}
+    data = gold_dataset("synthetic")
+    model = load_model(out)
+    reference = load_model(checkpoint)
+    reference.load_state_dict(decoded)
+    x = data.x.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, data.edge_index), reference(x, data.edge_index))
+
+
+def test_bad_files_are_refused(trained: Path, tmp_path: Path, capfd) -> None:
+    """A file that is not a checkpoint, a corrupt one, and an already compressed one."""
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    with pytest.raises(CheckpointError, match="not a bns_pipe checkpoint"):
+        read_model_file(bogus)
+    (tmp_path / "text.pt").write_text("hello")
+    once = tmp_path / "once.pt"
+    for source, message in [(tmp_path / "text.pt", "corrupt or not a bns_pipe checkpoint")]:
+        args = ["--checkpoint", str(source), "--method", "int:bits=8", "--out", str(once)]
+        assert main(["compress", *args]) == 2
+        assert message in capfd.readouterr().err
+    checkpoint = next((trained / "ckpt").glob("epoch_*"))
+    args = ["--method", "int:bits=8", "--out", str(once)]
+    assert main(["compress", "--checkpoint", str(checkpoint), *args]) == 0
+    twice = ["--checkpoint", str(once), "--method", "int:bits=8", "--out", str(tmp_path / "x.pt")]
+    assert main(["compress", *twice]) == 2
+    assert "already compressed" in capfd.readouterr().err
+    raw = torch.load(once, weights_only=True)
+    raw["meta"] = raw["meta"][:10]  # truncated metadata
+    torch.save(raw, tmp_path / "cut.pt")
+    with pytest.raises(BnsPipeError, match="is corrupt"):
+        read_model_file(tmp_path / "cut.pt")
