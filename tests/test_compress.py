@@ -163,3 +163,102 @@ def test_bad_files_are_refused(trained: Path, tmp_path: Path, capfd) -> None:
     torch.save(raw, tmp_path / "cut.pt")
     with pytest.raises(BnsPipeError, match="is corrupt"):
         read_model_file(tmp_path / "cut.pt")
+
+
+def test_kmeans_hook_is_the_identity_until_it_shares_and_passes_gradients_straight() -> None:
+    """Soft phase: the parametrized layer computes with W. Hard phase: with k at least the
+    number of distinct weights the shared weights are W exactly; with fewer, every weight is
+    one of k centres; the gradient reaches the latent W unchanged (straight through)."""
+    from bns_pipe.hooks import EpochContext, build_hook
+    from bns_pipe.hooks.weights import conv_weights, plain_state_dict
+    from bns_pipe.nn.model import GNN
+
+    torch.manual_seed(0)
+    model = GNN(6, 8, 3, layers=2, conv="sage", norm="none", dropout=0.0)
+    before = {name: m.weight.detach().clone() for name, m in conv_weights(model)}
+    hook = build_hook("kmeans:k=4096,hard_at=0.5")
+    hook.on_model(model)
+    hook.on_epoch(EpochContext(0, True, epochs=4))  # soft
+    for name, module in conv_weights(model):
+        assert torch.equal(module.weight, before[name])
+    hook.on_epoch(EpochContext(2, True, epochs=4))  # hard, k > distinct values: exact
+    for name, module in conv_weights(model):
+        assert torch.equal(module.weight, before[name])
+    small = build_hook("kmeans:k=4,hard_at=0")
+    torch.manual_seed(0)
+    model = GNN(6, 8, 3, layers=2, conv="sage", norm="none", dropout=0.0)
+    small.on_model(model)
+    small.on_epoch(EpochContext(0, True, epochs=4))
+    for _, module in conv_weights(model):
+        assert torch.unique(module.weight).numel() <= 4
+        latent = module.parametrizations.weight.original
+        grad = torch.randn_like(module.weight)
+        (module.weight * grad).sum().backward()
+        assert torch.equal(latent.grad, grad)
+    assert set(plain_state_dict(model)) == set(GNN(6, 8, 3, layers=2, conv="sage").state_dict())
+    assert small.report()["clusters"] == [4, 4, 4, 4]  # lin_l and lin_r of both layers
+
+
+def test_kmeans_regulariser_pulls_weights_to_their_centres() -> None:
+    """loss_term = λ/2 Σ (w - c(w))², whose gradient is λ (w - c(w))."""
+    from bns_pipe.hooks import EpochContext, build_hook
+    from bns_pipe.hooks.weights import conv_weights
+    from bns_pipe.nn.model import GNN
+
+    model = GNN(5, 6, 2, layers=2, norm="none", dropout=0.0).double()
+    hook = build_hook("kmeans:k=3,lam=0.5,hard_at=1")
+    hook.on_model(model)
+    hook.on_epoch(EpochContext(0, True, epochs=10))
+    term = hook.loss_term()
+    term.backward()
+    for (_, module), (_, index) in zip(conv_weights(model), hook.assignments, strict=True):
+        w = module.parametrizations.weight.original
+        means = torch.stack([w.detach().flatten()[index == c].mean() for c in range(3)])
+        expected = 0.5 * (w.detach().flatten() - means[index])
+        torch.testing.assert_close(w.grad.flatten(), expected)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("kmeans:k=1", "at least 2"),
+        ("kmeans:hard_at=2", r"hard_at in \[0, 1\]"),
+        ("kmeans:lam=x", "could not convert"),
+    ],
+)
+def test_bad_kmeans_options(spec: str, message: str) -> None:
+    from bns_pipe.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(hook=[spec]).validate()
+
+
+def test_weight_hook_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
+    """k-means sharing (soft, then hard from epoch 3) in float64 without dropout: the same
+    losses on 1 and 2 ranks; the checkpoint keeps plain names and shared weights."""
+    from bns_pipe.partition import partition
+    from tests.test_gold import gold_dataset
+    from tests.test_quant import fit_records
+
+    data = gold_dataset("synthetic")
+    losses = []
+    for world in (1, 2):
+        partition(data, world, tmp_path / f"p{world}", verbose=False)
+        records = fit_records(
+            tmp_path,
+            world=world,
+            partition_dir=str(tmp_path / f"p{world}"),
+            epochs=6,
+            hidden=16,
+            layers=2,
+            dropout=0.0,
+            dtype="float64",
+            hook=["kmeans:k=8,lam=0.01,every=2,hard_at=0.5"],
+            checkpoint_dir=str(tmp_path / f"ckpt{world}"),
+            checkpoint_every=6,
+        )
+        losses.append(torch.tensor([r["loss"] for r in records if "epoch" in r]))
+        assert records[-1]["hooks"]["kmeans"]["clusters"] == [8, 8]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-9, atol=0)
+    state = read_model_file(next((tmp_path / "ckpt2").glob("epoch_*")))["model"]
+    assert "convs.0.lin.weight" in state and torch.unique(state["convs.0.lin.weight"]).numel() == 8

@@ -21,17 +21,23 @@ from torch import Tensor
 __all__ = ["CODECS", "Codec", "IntCodec", "KMeansCodec", "kmeans_1d", "pack_bits", "unpack_bits"]
 
 
-def kmeans_1d(values: Tensor, k: int, iterations: int = 100) -> tuple[Tensor, Tensor]:
+def kmeans_1d(
+    values: Tensor, k: int, init: Tensor | None = None, iterations: int = 100
+) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means of the scalars ``values`` into ``k`` centres, in float64: centres
-    start at the k quantiles (i + 1/2)/k; returns (centres (k,) ascending, index (n,) int64
-    of each value's nearest centre). With at most k distinct values each is its own centre
-    (the rest repeat the largest)."""
+    start at ``init`` (ascending, e.g. the last clustering's) or the k quantiles
+    (i + 1/2)/k; returns (centres (k,) ascending, index (n,) int64 of each value's nearest
+    centre). With at most k distinct values each is its own centre (the rest repeat the
+    largest)."""
     x = values.detach().double().flatten()
     distinct = torch.unique(x)
     if distinct.numel() <= k:
         padding = distinct[-1:].expand(k - distinct.numel())
         return torch.cat([distinct, padding]), torch.searchsorted(distinct, x)
-    centres = torch.quantile(x, (torch.arange(k, dtype=torch.float64) + 0.5) / k)
+    if init is not None:
+        centres = init.double().clone()
+    else:
+        centres = torch.quantile(x, (torch.arange(k, dtype=torch.float64) + 0.5) / k)
     for _ in range(iterations):
         index = nearest(x, centres)
         sums = torch.zeros(k, dtype=torch.float64).index_add_(0, index, x)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from bns_pipe.errors import ConfigError
 from bns_pipe.hooks.base import BytePayload, EpochContext, InnerOperator, LayerHook, Message
 from bns_pipe.hooks.byte_counter import ByteCounter
+from bns_pipe.hooks.kmeans import KMeansHook
 from bns_pipe.hooks.quant import QuantHook
 
 __all__ = [
@@ -26,7 +27,9 @@ __all__ = [
     "validate_specs",
 ]
 
-HOOKS: dict[str, type[LayerHook]] = {hook.name: hook for hook in (ByteCounter, QuantHook)}
+HOOKS: dict[str, type[LayerHook]] = {
+    hook.name: hook for hook in (ByteCounter, QuantHook, KMeansHook)
+}
 
 
 def build_hook(spec: str) -> LayerHook:

@@ -17,6 +17,8 @@ A hook overrides any of these points; each default leaves training unchanged:
 - weights: ``on_model(model)``, once after the model is built (and before its replicas are
   synchronised), e.g. to register ``torch.nn.utils.parametrize`` parametrizations on conv
   weights; every rank applies the same, so the gradient all-reduce is unchanged.
+- loss: ``loss_term() -> Tensor | None``, a regulariser added once to the global training
+  loss (each rank adds 1/K of it: the weights are replicated, so every rank computes the same).
 - per epoch: ``on_epoch(context)`` before each training step (``training=True``) and each
   evaluation (``training=False``); ``epoch_times()`` the seconds this rank spent in the hook
   since the last call (per-epoch keys, the slowest rank's).
@@ -41,12 +43,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EpochContext:
-    """The step about to run: ``epoch`` (0-based), whether it trains or evaluates, and the
-    run's ``--seed`` (for keyed random streams)."""
+    """The step about to run: ``epoch`` (0-based), whether it trains or evaluates, the
+    run's ``--seed`` (for keyed random streams) and its ``--epochs``."""
 
     epoch: int
     training: bool
     seed: int = 0
+    epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class LayerHook:
         return None
 
     def on_epoch(self, context: EpochContext) -> None:
+        return None
+
+    def loss_term(self) -> Tensor | None:
         return None
 
     def on_send(self, message: Message, rows: Tensor) -> Tensor | BytePayload:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from bns_pipe import compress
 from bns_pipe.errors import BnsPipeError
+from bns_pipe.hooks.weights import load_plain_state_dict, plain_state_dict
 from bns_pipe.train.distributed import DistContext
 
 PREFIX = "epoch_"
@@ -84,7 +85,7 @@ def save(
     }
     if ctx.is_main:
         files[MODEL] = {
-            "model": model.state_dict(),
+            "model": plain_state_dict(model),
             "optimizer": optimizer.state_dict(),
             "state": state,
             "config": config,
@@ -295,7 +296,7 @@ def load_latest(
         raise CheckpointError(
             f"checkpoint shard {shard_path} is missing or corrupt: {exc}"
         ) from exc
-    model.load_state_dict(blob["model"])
+    load_plain_state_dict(model, blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(shard["rng_cpu"])
     if ctx.is_main:

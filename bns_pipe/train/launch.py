@@ -137,6 +137,7 @@ def evaluate_checkpoint(checkpoint_path: str, config: TrainConfig) -> dict[str, 
             "resume": False,
             "checkpoint_dir": None,
             "metrics_jsonl": None,
+            "hook": [],  # the saved weights are the ones the model computed with
         }
     )
     ctx = init_distributed(config.backend, config.device, config.threads_per_rank, config.timeout)

@@ -154,7 +154,8 @@ class Trainer:
             loss = loss / (self.num_train * self.num_classes)
         else:
             loss = F.cross_entropy(logits[mask], y[mask], reduction="sum") / self.num_train
-        return loss, logits
+        terms = [t for t in (hook.loss_term() for hook in self.hooks) if t is not None]
+        return loss + sum(terms) / self.ctx.world_size, logits
 
     def forward_backward(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Sample (BNS), forward, backward and gradient all-reduce: the step minus the update.
@@ -217,7 +218,7 @@ class Trainer:
 
     def _tell_hooks(self, epoch: int, training: bool) -> None:
         for hook in self.hooks:
-            hook.on_epoch(EpochContext(epoch, training, self.config.seed))
+            hook.on_epoch(EpochContext(epoch, training, self.config.seed, self.config.epochs))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
