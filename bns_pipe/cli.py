@@ -263,7 +263,9 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         required=True,
-        help="kmeans:k=K (weights shared by K centres) or int:bits=B (integers per row)",
+        help="kmeans:k=K (weights shared by K centres), int:bits=B (integers per row) or "
+        "smartexchange[:basis=3,sparsity=0.5,exp_bits=4,iterations=40] (a basis times sparse "
+        "powers of two)",
     )
     parser.add_argument("--out", required=True, help="the compressed file to write")
 
@@ -302,7 +304,7 @@ _HELP = {
     "demo": "run the main job on the built-in synthetic graph",
     "bench": "time every training method (PyG, ours, BNS, pipeline) side by side; plots",
     "accuracy": "paired-seed accuracy of every method against single-process (resumable)",
-    "compress": "write a checkpoint's model as a compact file (k-means sharing, integers)",
+    "compress": "write a checkpoint's model as a compact file (k-means, integers, SmartExchange)",
 }
 
 

@@ -58,9 +58,38 @@ def test_int_codec_is_within_half_a_step(bits: int) -> None:
     assert fields["codes"].numel() == math.ceil(300 * bits / 8)
 
 
+def test_smartexchange_is_a_basis_times_powers_of_two() -> None:
+    """Ce's entries are 0 or ±2^k within 2^E exponents of the largest, at the asked
+    sparsity; B is basis x basis; the kept error is the smallest of the iterations and
+    below the first; the file's fields decode to Ce·B; about 1 + (1 - s)(1 + E) bits a
+    weight."""
+    from bns_pipe.compress.smartexchange import SmartExchangeCodec, decompose
+
+    w = torch.randn(40, 30, generator=torch.Generator().manual_seed(2)) * 0.1
+    codec = SmartExchangeCodec(basis="3", sparsity="0.5", exp_bits="4", iterations="30")
+    x = codec.blocks(w)
+    coefficients, basis, k_max, errors = decompose(x, 0.5, 4, 30)
+    assert basis.shape == (3, 3) and coefficients.shape == x.shape
+    nonzero = coefficients[coefficients != 0].abs()
+    k = torch.log2(nonzero)
+    assert torch.equal(k, k.round()) and k.max() == k_max and k.min() >= k_max - 15
+    assert (coefficients == 0).double().mean() >= 0.5
+    best = float(torch.linalg.norm(x - coefficients @ basis))
+    assert best == pytest.approx(min(errors)) and min(errors) < errors[0]
+    fields = codec.encode(w)
+    assert tuple(fields["basis"].shape) == (3, 3)
+    decoded = codec.decode(fields, (40, 30))
+    expected = (coefficients @ fields["basis"].double()).flatten()[:1200].view(40, 30)
+    torch.testing.assert_close(decoded, expected.float())
+    stored = sum(t.numel() * t.element_size() for t in fields.values())
+    assert stored <= 1200 * (1 + 0.5 * 5) / 8 + 36 + 2 + 3
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
+        ("smartexchange:sparsity=1", r"sparsity in \[0, 1\)"),
+        ("smartexchange:exp_bits=9", r"exp_bits in \[1, 8\]"),
         ("kmeans:k=1", "k >= 2"),
         ("int:bits=0", r"bits in \[1, 16\]"),
         ("int:bits=17", r"bits in \[1, 16\]"),

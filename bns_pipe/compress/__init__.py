@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bns_pipe.compress.codecs import CODECS, Codec
+from bns_pipe.compress.codecs import Codec, IntCodec, KMeansCodec
+from bns_pipe.compress.smartexchange import SmartExchangeCodec
 from bns_pipe.errors import BnsPipeError, ConfigError
 
 __all__ = [
+    "CODECS",
     "FORMAT",
     "compress_state",
     "is_compressed",
@@ -32,6 +34,9 @@ __all__ = [
     "write",
 ]
 
+CODECS: dict[str, type[Codec]] = {
+    codec.name: codec for codec in (KMeansCodec, IntCodec, SmartExchangeCodec)
+}
 FORMAT = "bns_pipe-compressed-1"
 META_LIMIT = 4096
 # the options that rebuild the model (the rest of a checkpoint's config is the run's)

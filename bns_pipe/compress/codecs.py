@@ -3,6 +3,8 @@
 - ``kmeans:k=K``: W's values shared by K centres (1-D k-means, Lloyd from the K quantiles
   (i + 1/2)/K, deterministic); stores the centres (K,) float32 and each value's centre index
   in ceil(log2 K) bits, bit-packed.
+- ``smartexchange[:basis=3,sparsity=0.5,exp_bits=4,iterations=40]``: a basis times sparse
+  power-of-two coefficients (:mod:`bns_pipe.compress.smartexchange`).
 - ``int:bits=B``: symmetric integers per output row, q = round(W / s) with
   s = max|W_row| / (2^(B-1) - 1); stores q + 2^(B-1) - 1 in B bits, bit-packed, and s (out,)
   float32. One bit: the signs, with s = mean|W_row| (binary weights, ±s).
@@ -18,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["CODECS", "Codec", "IntCodec", "KMeansCodec", "kmeans_1d", "pack_bits", "unpack_bits"]
+__all__ = ["Codec", "IntCodec", "KMeansCodec", "kmeans_1d", "pack_bits", "unpack_bits"]
 
 
 def kmeans_1d(
@@ -121,6 +123,3 @@ class IntCodec(Codec):
         codes = unpack_bits(fields["codes"], self.bits, math.prod(shape)).view(shape[0], -1)
         q = codes * 2 - 1 if self.bits == 1 else codes - self.top
         return (q.float() * fields["scale"][:, None]).view(shape)
-
-
-CODECS: dict[str, type[Codec]] = {codec.name: codec for codec in (KMeansCodec, IntCodec)}
