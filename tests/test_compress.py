@@ -224,7 +224,8 @@ def test_kmeans_hook_is_the_identity_until_it_shares_and_passes_gradients_straig
         grad = torch.randn_like(module.weight)
         (module.weight * grad).sum().backward()
         assert torch.equal(latent.grad, grad)
-    assert set(plain_state_dict(model)) == set(GNN(6, 8, 3, layers=2, conv="sage").state_dict())
+    plain, own = plain_state_dict(model)
+    assert set(plain) == set(GNN(6, 8, 3, layers=2, conv="sage").state_dict()) and not own
     assert small.report()["clusters"] == [4, 4, 4, 4]  # lin_l and lin_r of both layers
 
 
@@ -291,3 +292,72 @@ def test_weight_hook_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-9, atol=0)
     state = read_model_file(next((tmp_path / "ckpt2").glob("epoch_*")))["model"]
     assert "convs.0.lin.weight" in state and torch.unique(state["convs.0.lin.weight"]).numel() == 8
+
+
+def test_ldp_is_the_identity_at_full_width_and_learns_its_widths() -> None:
+    """At 32 bits the parametrized model equals the plain one; at a fractional width the
+    weight gradient passes straight through, the width's gradient is the interpolation's
+    (Σ g·(Q_⌈b⌉ - Q_⌊b⌋)), evaluation computes at ⌈b⌉, and the report has one width per
+    conv layer (SAGE's two maps share it)."""
+    from bns_pipe.hooks import EpochContext, build_hook
+    from bns_pipe.hooks.ldp import fake_quantize
+    from bns_pipe.hooks.weights import conv_weights
+    from bns_pipe.nn.model import GNN
+
+    torch.manual_seed(0)
+    plain = GNN(6, 8, 3, layers=2, conv="sage", norm="none", dropout=0.0)
+    hooked = GNN(6, 8, 3, layers=2, conv="sage", norm="none", dropout=0.0)
+    hooked.load_state_dict(plain.state_dict())
+    full = build_hook("ldp:min_bits=32,max_bits=32,init=32")
+    full.on_model(hooked)
+    for (_, a), (_, b) in zip(conv_weights(plain), conv_weights(hooked), strict=True):
+        assert torch.equal(a.weight, b.weight)
+    assert full.report()["bits_per_layer"] == [32, 32]
+    w = torch.randn(5, 7, requires_grad=True)
+    bits = torch.tensor(4.3, requires_grad=True)
+    r = w.detach().abs().max()
+    q = fake_quantize(w, r, bits)
+    g = torch.randn(5, 7)
+    (q * g).sum().backward()
+    assert torch.equal(w.grad, g)
+    low, high = (fake_quantize(w.detach(), r, torch.tensor(float(n))) for n in (4, 5))
+    torch.testing.assert_close(bits.grad, (g * (high - low)).sum())
+    torch.testing.assert_close(q, 0.7 * low + 0.3 * high)
+    assert torch.equal(fake_quantize(w.detach(), r, bits.detach(), deployed=True), high)
+    learned = build_hook("ldp:init=5.5")
+    model = GNN(6, 8, 3, layers=3, conv="sage", norm="none", dropout=0.0)
+    learned.on_model(model)
+    learned.on_epoch(EpochContext(0, True, epochs=1))
+    report = learned.report()
+    assert report["bits_per_layer"] == [6, 6, 6] and report["bits_history"] == [[5.5] * 3]
+    assert learned.loss_term() is not None
+
+
+def test_ldp_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
+    """Learned widths and input clips are replicated: the same losses and widths on 1 and
+    2 ranks (float64, no dropout); the widths move under the cost term."""
+    from bns_pipe.partition import partition
+    from tests.test_gold import gold_dataset
+    from tests.test_quant import fit_records
+
+    data = gold_dataset("synthetic")
+    runs = []
+    for world in (1, 2):
+        partition(data, world, tmp_path / f"p{world}", verbose=False)
+        records = fit_records(
+            tmp_path,
+            world=world,
+            partition_dir=str(tmp_path / f"p{world}"),
+            epochs=5,
+            hidden=16,
+            layers=2,
+            dropout=0.0,
+            dtype="float64",
+            hook=["ldp:init=5.5,cost=1"],
+        )
+        runs.append(records)
+    losses = [torch.tensor([r["loss"] for r in run if "epoch" in r]) for run in runs]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-9, atol=0)
+    reports = [run[-1]["hooks"]["ldp"] for run in runs]
+    assert reports[0]["bits_history"] == reports[1]["bits_history"]
+    assert reports[0]["bits_history"][-1][0] < 5.5 and len(reports[0]["bits_per_layer"]) == 2

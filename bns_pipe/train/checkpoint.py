@@ -84,8 +84,10 @@ def save(
         }
     }
     if ctx.is_main:
+        plain, hook_state = plain_state_dict(model)
         files[MODEL] = {
-            "model": plain_state_dict(model),
+            "model": plain,
+            "hook_state": hook_state,
             "optimizer": optimizer.state_dict(),
             "state": state,
             "config": config,
@@ -296,7 +298,7 @@ def load_latest(
         raise CheckpointError(
             f"checkpoint shard {shard_path} is missing or corrupt: {exc}"
         ) from exc
-    load_plain_state_dict(model, blob["model"])
+    load_plain_state_dict(model, blob["model"], blob.get("hook_state"))
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(shard["rng_cpu"])
     if ctx.is_main:

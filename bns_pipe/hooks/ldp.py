@@ -1,0 +1,154 @@
+"""Learnable dynamic precision: ``--hook ldp[:min_bits=2,max_bits=8,cost=0.05,init=6]``.
+
+Every conv layer l learns a real bit width β_l, used as b_l = clamp(β_l, min_bits, max_bits),
+and computes with its weights and its (dense) input fake-quantized at b_l bits (after Yu et
+al., 2022: precisions learned with the task and moving over training, under a cost term).
+
+- A tensor t with range r (weights: max|W|; inputs: a learned clip α_l, PACT-style, so the
+  range is the same on every rank) is quantized symmetrically at an integer width n:
+  Q_n(t) = s·round(clamp(t, -r, r)/s), s = r / (2^(n-1) - 1).
+- In training a fractional width interpolates: Q_b = (1 - f)·Q_⌊b⌋ + f·Q_⌈b⌉, f = b - ⌊b⌋,
+  so the loss has a gradient in b (Q_⌈b⌉ - Q_⌊b⌋ times the upstream gradient); t's gradient
+  passes straight through inside the range and is 0 outside (where α gets it instead). In
+  evaluation (and in checkpoints) the layer computes at the deployed width ⌈b⌉.
+- The loss gains ``cost`` · Σ_l b_l·n_l / Σ_l n_l (n_l: layer l's weights), the average weight
+  bits, which pulls the widths down where the task allows.
+
+β and α are parameters of the parametrization modules, so they are replicated, all-reduced
+and checkpointed like the weights. The final report gives ``bits_per_layer`` (one weight
+width per conv layer, rounded up as deployed), their weighted mean, the ratio 32 / mean, and
+the widths per epoch (``bits_history``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from bns_pipe.hooks.base import EpochContext, LayerHook
+from bns_pipe.hooks.weights import conv_weights
+
+__all__ = ["LDPHook", "fake_quantize"]
+
+EXACT = 24
+
+
+def _quantize_at(t: Tensor, r: Tensor, n: int) -> Tensor:
+    step = r / ((1 << (n - 1)) - 1)
+    return torch.round(t / step) * step
+
+
+def fake_quantize(t: Tensor, r: Tensor, bits: Tensor, deployed: bool = False) -> Tensor:
+    """Q_b(t) with the range ``r`` (a scalar tensor) and a fractional width ``bits`` >= 2
+    (``deployed``: Q_⌈b⌉); gradients: straight through for t inside [-r, r], the
+    interpolation's for ``bits``, and for r through the clamp. From ``EXACT`` bits on (a
+    float32's significand) t passes unchanged."""
+    if float(bits.detach()) >= EXACT:
+        return t
+    fixed = r.detach()
+    moved = r - fixed  # 0, carrying the range's gradient: +1 above it, -1 below
+    clipped = t.clamp(-fixed, fixed) + moved * (t > fixed) - moved * (t < -fixed)
+    if deployed:
+        width = math.ceil(float(bits.detach()) - 1e-9)
+        return clipped + (_quantize_at(clipped.detach(), r.detach(), width) - clipped).detach()
+    low = int(torch.floor(bits.detach()))
+    f = bits - low
+    lower = _quantize_at(clipped.detach(), r.detach(), low)
+    upper = _quantize_at(clipped.detach(), r.detach(), low + 1) if f.detach() > 0 else lower
+    value = (1 - f) * lower + f * upper
+    return clipped + (value - clipped).detach() + (f - f.detach()) * (upper - lower)
+
+
+class _Precision(nn.Module):
+    """One conv layer's learned width β (shared by its weight matrices) and input clip α."""
+
+    def __init__(self, init: float, low: float, high: float) -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.tensor(float(init)))
+        self.alpha = nn.Parameter(torch.tensor(4.0))
+        self.low, self.high = low, high
+
+    def bits(self) -> Tensor:
+        return self.beta.clamp(self.low, self.high)
+
+
+class _QuantizedWeight(nn.Module):
+    def __init__(self, precision: _Precision) -> None:
+        super().__init__()
+        self.precision = precision
+
+    def forward(self, weight: Tensor) -> Tensor:
+        r = weight.detach().abs().max().clamp(min=1e-12)
+        bits = self.precision.bits().to(weight.dtype)
+        return fake_quantize(weight, r, bits, deployed=not self.training)
+
+
+class LDPHook(LayerHook):
+    name = "ldp"
+
+    def __init__(
+        self, min_bits: str = "2", max_bits: str = "8", cost: str = "0.05", init: str = "6"
+    ) -> None:
+        self.low, self.high = float(min_bits), float(max_bits)
+        self.cost, self.init = float(cost), float(init)
+        if not 2 <= self.low <= self.high <= 32:
+            raise ValueError("ldp needs 2 <= min_bits <= max_bits <= 32")
+        if self.cost < 0 or not self.low <= self.init <= self.high:
+            raise ValueError("ldp needs cost >= 0 and init within [min_bits, max_bits]")
+        self.layers: list[tuple[_Precision, int]] = []  # per conv layer: precision, weights
+        self.history: list[list[float]] = []
+
+    def on_model(self, model: nn.Module) -> None:
+        precisions: dict[str, _Precision] = {}
+        sizes: dict[str, int] = {}
+        for name, module in conv_weights(model):
+            conv = name.rsplit(".", 1)[0]  # convs.<i>: SAGE's two maps share one width
+            if conv not in precisions:
+                precision = _Precision(self.init, self.low, self.high)
+                precisions[conv] = precision.to(module.weight.device, module.weight.dtype)
+                model.get_submodule(conv).register_forward_pre_hook(self._input_hook(conv))
+            precision = precisions[conv]
+            parametrize.register_parametrization(module, "weight", _QuantizedWeight(precision))
+            sizes[conv] = sizes.get(conv, 0) + module.weight.numel()
+        self.layers = [(precisions[c], sizes[c]) for c in precisions]
+        self.precisions = precisions
+
+    def _input_hook(self, conv: str):
+        def quantize_input(module: nn.Module, args: tuple) -> tuple:
+            graph, x, *rest = args
+            if not isinstance(x, Tensor):  # sparse input features stay exact
+                return args
+            precision = self.precisions[conv]
+            alpha = precision.alpha.abs().clamp(min=1e-6).to(x.dtype)
+            bits = precision.bits().to(x.dtype)
+            quantized = fake_quantize(x, alpha, bits, deployed=not module.training)
+            return (graph, quantized, *rest)
+
+        return quantize_input
+
+    def on_epoch(self, context: EpochContext) -> None:
+        if context.training:
+            self.history.append(self._widths())
+
+    def _widths(self) -> list[float]:
+        return [float(p.bits().detach()) for p, _ in self.layers]
+
+    def loss_term(self) -> Tensor | None:
+        if self.cost == 0 or not self.layers:
+            return None
+        total = sum(n for _, n in self.layers)
+        return self.cost * sum(p.bits() * n for p, n in self.layers) / total
+
+    def report(self) -> dict:
+        deployed = [math.ceil(b - 1e-9) for b in self._widths()]
+        total = sum(n for _, n in self.layers)
+        mean = sum(b * n for b, (_, n) in zip(deployed, self.layers, strict=True)) / total
+        return {
+            "bits_per_layer": deployed,
+            "avg_bits": mean,
+            "ratio": 32 / mean,
+            "bits_history": self.history,
+        }
