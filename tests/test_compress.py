@@ -263,33 +263,47 @@ def test_bad_kmeans_options(spec: str, message: str) -> None:
         TrainConfig(hook=[spec]).validate()
 
 
-def test_weight_hook_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
-    """k-means sharing (soft, then hard from epoch 3) in float64 without dropout: the same
-    losses on 1 and 2 ranks; the checkpoint keeps plain names and shared weights."""
+def runs_on_one_and_two_ranks(tmp_path: Path, hook: str, **options) -> list[list[dict]]:
+    """The metrics records of the same float64 run without dropout on 1 and on 2 ranks,
+    whose losses must agree."""
     from bns_pipe.partition import partition
     from tests.test_gold import gold_dataset
     from tests.test_quant import fit_records
 
     data = gold_dataset("synthetic")
-    losses = []
+    runs = []
     for world in (1, 2):
         partition(data, world, tmp_path / f"p{world}", verbose=False)
-        records = fit_records(
-            tmp_path,
-            world=world,
-            partition_dir=str(tmp_path / f"p{world}"),
-            epochs=6,
-            hidden=16,
-            layers=2,
-            dropout=0.0,
-            dtype="float64",
-            hook=["kmeans:k=8,lam=0.01,every=2,hard_at=0.5"],
-            checkpoint_dir=str(tmp_path / f"ckpt{world}"),
-            checkpoint_every=6,
+        common = {"hidden": 16, "layers": 2, "dropout": 0.0, "dtype": "float64", **options}
+        for key, value in options.items():  # per-world directories
+            if key.endswith("_dir"):
+                common[key] = f"{value}{world}"
+        runs.append(
+            fit_records(
+                tmp_path,
+                world=world,
+                partition_dir=str(tmp_path / f"p{world}"),
+                hook=[hook],
+                **common,
+            )
         )
-        losses.append(torch.tensor([r["loss"] for r in records if "epoch" in r]))
-        assert records[-1]["hooks"]["kmeans"]["clusters"] == [8, 8]
+    losses = [torch.tensor([r["loss"] for r in run if "epoch" in r]) for run in runs]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-9, atol=0)
+    return runs
+
+
+def test_weight_hook_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
+    """k-means sharing (soft, then hard from epoch 3): the same losses on 1 and 2 ranks;
+    the checkpoint keeps plain names and shared weights."""
+    ckpt = str(tmp_path / "ckpt")
+    runs = runs_on_one_and_two_ranks(
+        tmp_path,
+        "kmeans:k=8,lam=0.01,every=2,hard_at=0.5",
+        epochs=6,
+        checkpoint_dir=ckpt,
+        checkpoint_every=6,
+    )
+    assert all(run[-1]["hooks"]["kmeans"]["clusters"] == [8, 8] for run in runs)
     state = read_model_file(next((tmp_path / "ckpt2").glob("epoch_*")))["model"]
     assert "convs.0.lin.weight" in state and torch.unique(state["convs.0.lin.weight"]).numel() == 8
 
@@ -335,29 +349,8 @@ def test_ldp_is_the_identity_at_full_width_and_learns_its_widths() -> None:
 
 def test_ldp_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
     """Learned widths and input clips are replicated: the same losses and widths on 1 and
-    2 ranks (float64, no dropout); the widths move under the cost term."""
-    from bns_pipe.partition import partition
-    from tests.test_gold import gold_dataset
-    from tests.test_quant import fit_records
-
-    data = gold_dataset("synthetic")
-    runs = []
-    for world in (1, 2):
-        partition(data, world, tmp_path / f"p{world}", verbose=False)
-        records = fit_records(
-            tmp_path,
-            world=world,
-            partition_dir=str(tmp_path / f"p{world}"),
-            epochs=5,
-            hidden=16,
-            layers=2,
-            dropout=0.0,
-            dtype="float64",
-            hook=["ldp:init=5.5,cost=1"],
-        )
-        runs.append(records)
-    losses = [torch.tensor([r["loss"] for r in run if "epoch" in r]) for run in runs]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-9, atol=0)
+    2 ranks; the widths move under the cost term."""
+    runs = runs_on_one_and_two_ranks(tmp_path, "ldp:init=5.5,cost=1", epochs=5)
     reports = [run[-1]["hooks"]["ldp"] for run in runs]
     assert reports[0]["bits_history"] == reports[1]["bits_history"]
     assert reports[0]["bits_history"][-1][0] < 5.5 and len(reports[0]["bits_per_layer"]) == 2
