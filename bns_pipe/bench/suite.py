@@ -184,7 +184,7 @@ def summarise(record: dict, warmup: int) -> dict:
         mem_growth_bytes=max(p - s for p, s in zip(peak, startup, strict=True)),
         **{key: record[key] for key in SCORES if key in record},
         curve=record["curve"],
-        hooks=record["hooks"],
+        hooks=record.get("hooks", {}),  # PyG runs have none
     )
     return summary
 
