@@ -325,11 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tell_the_launcher(exc: BnsPipeError) -> None:
     """Under torch's elastic agent, leave the message in the worker's error file, where the
-    launcher (``bns-pipe train``, :func:`bns_pipe.fit`) reads it for its own error."""
+    launcher (``bns-pipe train``, :func:`bns_pipe.fit`) reads it for its own error. Written
+    beside it and renamed into place: the agent may read the file the moment this worker
+    is stopped, and an empty or half-written file would crash the agent's JSON parse."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump({"message": str(exc), "timestamp": int(time.time())}, f)
+        os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
