@@ -21,7 +21,8 @@ from torch import Tensor
 
 from bns_pipe.compress.codecs import Codec, IntCodec, KMeansCodec
 from bns_pipe.compress.smartexchange import SmartExchangeCodec
-from bns_pipe.errors import BnsPipeError, ConfigError
+from bns_pipe.errors import BnsPipeError
+from bns_pipe.spec import build_from_spec
 
 __all__ = [
     "CODECS",
@@ -57,14 +58,7 @@ MODEL_KEYS = (
 
 def parse_method(spec: str) -> Codec:
     """A codec from ``name[:key=value,...]``; a :class:`ConfigError` names what is wrong."""
-    name, _, options = spec.partition(":")
-    if name not in CODECS:
-        raise ConfigError(f"unknown compression method {name!r}; choose from {list(CODECS)}")
-    try:
-        kwargs = dict(item.split("=", 1) for item in options.split(",") if item)
-        return CODECS[name](**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad options for compression method {name!r}: {exc}") from None
+    return build_from_spec(spec, CODECS, "compression method")
 
 
 def compressible(name: str, value: Tensor) -> bool:

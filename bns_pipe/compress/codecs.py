@@ -20,7 +20,16 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["Codec", "IntCodec", "KMeansCodec", "kmeans_1d", "pack_bits", "unpack_bits"]
+__all__ = [
+    "Codec",
+    "IntCodec",
+    "KMeansCodec",
+    "index_bits",
+    "kmeans_1d",
+    "nearest",
+    "pack_bits",
+    "unpack_bits",
+]
 
 
 def kmeans_1d(
@@ -49,6 +58,11 @@ def kmeans_1d(
             break
         centres = updated
     return centres, nearest(x, centres)
+
+
+def index_bits(k: int) -> int:
+    """Bits of an index into k centres."""
+    return max(1, math.ceil(math.log2(k)))
 
 
 def nearest(x: Tensor, centres: Tensor) -> Tensor:
@@ -90,7 +104,7 @@ class KMeansCodec(Codec):
         self.k = int(k)
         if self.k < 2:
             raise ValueError(f"kmeans needs k >= 2 centres, got {self.k}")
-        self.bits = max(1, math.ceil(math.log2(self.k)))
+        self.bits = index_bits(self.k)
 
     def encode(self, weight: Tensor) -> dict[str, Tensor]:
         centres, index = kmeans_1d(weight, self.k)

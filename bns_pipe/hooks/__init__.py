@@ -15,6 +15,7 @@ from bns_pipe.hooks.byte_counter import ByteCounter
 from bns_pipe.hooks.kmeans import KMeansHook
 from bns_pipe.hooks.ldp import LDPHook
 from bns_pipe.hooks.quant import QuantHook
+from bns_pipe.spec import build_from_spec
 
 __all__ = [
     "HOOKS",
@@ -35,17 +36,7 @@ HOOKS: dict[str, type[LayerHook]] = {
 
 def build_hook(spec: str) -> LayerHook:
     """Make a hook from ``NAME[:key=value,...]`` (values are passed as strings)."""
-    name, _, options = spec.partition(":")
-    if name not in HOOKS:
-        raise ConfigError(f"unknown hook {name!r}; registered hooks: {', '.join(sorted(HOOKS))}")
-    try:
-        kwargs = dict(item.split("=", 1) for item in options.split(",") if item)
-    except ValueError:
-        raise ConfigError(f"hook {spec!r}: options are key=value pairs, comma-separated") from None
-    try:
-        return HOOKS[name](**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad options for hook {name!r}: {exc}") from exc
+    return build_from_spec(spec, HOOKS, "hook")
 
 
 def validate_specs(specs: Sequence[str]) -> None:

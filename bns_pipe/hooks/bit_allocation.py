@@ -51,9 +51,7 @@ def allocate(variance: Tensor, rows: list[int], width: int, budget: float) -> Te
     levels = torch.tensor([(1 << b) - 1 for b in BITS], dtype=torch.float64)
     removed = (1 / levels[:-1] ** 2 - 1 / levels[1:] ** 2) * variance[:, None]  # (m, 2)
     ratio = torch.where(removed > 0, removed / cost, 0).flatten()  # free upgrades: inf
-    message = torch.repeat_interleave(
-        torch.arange(len(rows)), torch.tensor(rows)
-    ).repeat_interleave(2)
+    message = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows) * 2)
     order = torch.argsort(-ratio, stable=True)
     order = order[torch.argsort(message[order], stable=True)]  # by message, best first
     spent = torch.cumsum(cost.repeat(m)[order], 0)

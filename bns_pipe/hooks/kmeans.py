@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from bns_pipe.compress.codecs import kmeans_1d, nearest
+from bns_pipe.compress.codecs import index_bits, kmeans_1d, nearest
 from bns_pipe.hooks.base import EpochContext, LayerHook
 from bns_pipe.hooks.weights import conv_weights
 
@@ -97,7 +97,7 @@ class KMeansHook(LayerHook):
     def report(self) -> dict:
         """The centres a layer uses (its distinct weights, at most k) and the storage ratio
         of k centres plus ceil(log2 k)-bit indices against float32."""
-        bits = max(1, math.ceil(math.log2(self.k)))
+        bits = index_bits(self.k)
         dense = stored = 0
         clusters = []
         for module, _ in self.layers:

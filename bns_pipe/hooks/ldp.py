@@ -36,6 +36,11 @@ __all__ = ["LDPHook", "fake_quantize"]
 EXACT = 24
 
 
+def deployed_width(bits: float) -> int:
+    """The integer width a learned width b deploys at: ⌈b⌉."""
+    return math.ceil(bits - 1e-9)
+
+
 def _quantize_at(t: Tensor, r: Tensor, n: int) -> Tensor:
     step = r / ((1 << (n - 1)) - 1)
     return torch.round(t / step) * step
@@ -52,12 +57,12 @@ def fake_quantize(t: Tensor, r: Tensor, bits: Tensor, deployed: bool = False) ->
     moved = r - fixed  # 0, carrying the range's gradient: +1 above it, -1 below
     clipped = t.clamp(-fixed, fixed) + moved * (t > fixed) - moved * (t < -fixed)
     if deployed:
-        width = math.ceil(float(bits.detach()) - 1e-9)
-        return clipped + (_quantize_at(clipped.detach(), r.detach(), width) - clipped).detach()
+        width = deployed_width(float(bits.detach()))
+        return clipped + (_quantize_at(clipped.detach(), fixed, width) - clipped).detach()
     low = int(torch.floor(bits.detach()))
     f = bits - low
-    lower = _quantize_at(clipped.detach(), r.detach(), low)
-    upper = _quantize_at(clipped.detach(), r.detach(), low + 1) if f.detach() > 0 else lower
+    lower = _quantize_at(clipped.detach(), fixed, low)
+    upper = _quantize_at(clipped.detach(), fixed, low + 1) if f.detach() > 0 else lower
     value = (1 - f) * lower + f * upper
     return clipped + (value - clipped).detach() + (f - f.detach()) * (upper - lower)
 
@@ -86,6 +91,21 @@ class _QuantizedWeight(nn.Module):
         return fake_quantize(weight, r, bits, deployed=not self.training)
 
 
+def _input_hook(precision: _Precision):
+    """A forward pre-hook of a conv layer: its dense input fake-quantized at the layer's
+    width, with the learned clip α as range."""
+
+    def quantize_input(module: nn.Module, args: tuple) -> tuple:
+        graph, x, *rest = args
+        if not isinstance(x, Tensor):  # sparse input features stay exact
+            return args
+        alpha = precision.alpha.abs().clamp(min=1e-6).to(x.dtype)
+        bits = precision.bits().to(x.dtype)
+        return (graph, fake_quantize(x, alpha, bits, deployed=not module.training), *rest)
+
+    return quantize_input
+
+
 class LDPHook(LayerHook):
     name = "ldp"
 
@@ -109,25 +129,11 @@ class LDPHook(LayerHook):
             if conv not in precisions:
                 precision = _Precision(self.init, self.low, self.high)
                 precisions[conv] = precision.to(module.weight.device, module.weight.dtype)
-                model.get_submodule(conv).register_forward_pre_hook(self._input_hook(conv))
+                model.get_submodule(conv).register_forward_pre_hook(_input_hook(precision))
             precision = precisions[conv]
             parametrize.register_parametrization(module, "weight", _QuantizedWeight(precision))
             sizes[conv] = sizes.get(conv, 0) + module.weight.numel()
         self.layers = [(precisions[c], sizes[c]) for c in precisions]
-        self.precisions = precisions
-
-    def _input_hook(self, conv: str):
-        def quantize_input(module: nn.Module, args: tuple) -> tuple:
-            graph, x, *rest = args
-            if not isinstance(x, Tensor):  # sparse input features stay exact
-                return args
-            precision = self.precisions[conv]
-            alpha = precision.alpha.abs().clamp(min=1e-6).to(x.dtype)
-            bits = precision.bits().to(x.dtype)
-            quantized = fake_quantize(x, alpha, bits, deployed=not module.training)
-            return (graph, quantized, *rest)
-
-        return quantize_input
 
     def on_epoch(self, context: EpochContext) -> None:
         if context.training:
@@ -143,7 +149,7 @@ class LDPHook(LayerHook):
         return self.cost * sum(p.bits() * n for p, n in self.layers) / total
 
     def report(self) -> dict:
-        deployed = [math.ceil(b - 1e-9) for b in self._widths()]
+        deployed = [deployed_width(b) for b in self._widths()]
         total = sum(n for _, n in self.layers)
         mean = sum(b * n for b, (_, n) in zip(deployed, self.layers, strict=True)) / total
         return {

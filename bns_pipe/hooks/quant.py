@@ -202,19 +202,21 @@ class QuantHook(LayerHook):
         bits = allocate(spread, list(counts), width, self.budget)
         self._account(message.direction, bits, spread, width)
         bits, peer = bits.to(rows.device), peer.to(rows.device)
-        coded = [quantize(rows[bits == b], b, key, ids[bits == b]) for b in BITS]
-        per_peer = [torch.bincount(peer[bits == b], minlength=len(counts)).tolist() for b in BITS]
-        chunks = [c.split(n) for c, n in zip(coded, per_peer, strict=True)]
+        chunks = []  # per width: its rows' payloads, split by peer
+        for b in BITS:
+            pick = bits == b
+            per_peer = torch.bincount(peer[pick], minlength=len(counts)).tolist()
+            chunks.append(quantize(rows[pick], b, key, ids[pick]).split(per_peer))
         tags = torch.bucketize(bits, torch.tensor(BITS, device=bits.device)).to(torch.uint8)
+        sizes = [message_bytes(n, width, self.budget) for n in counts]
         pieces = []
         for j, tag in enumerate(tags.split(counts)):
             body = [_pack(tag[None], 2).flatten(), *(c[j].flatten() for c in chunks)]
-            size = message_bytes(counts[j], width, self.budget)
             used = sum(piece.numel() for piece in body)
-            pieces += [*body, rows.new_zeros(size - used, dtype=torch.uint8)]
+            pieces += [*body, rows.new_zeros(sizes[j] - used, dtype=torch.uint8)]
         return BytePayload(
             torch.cat(pieces),
-            [message_bytes(n, width, self.budget) for n in counts],
+            sizes,
             [message_bytes(n, width, self.budget) for n in message.recv_rows],
         )
 
@@ -245,8 +247,8 @@ class QuantHook(LayerHook):
         """Read each peer's tags, then its rows class by class."""
         tags, coded = [], [[] for _ in BITS]
         for n, data in zip(message.recv_rows, payload.data.split(payload.recv_bytes), strict=True):
-            tag = _unpack(data[None, : math.ceil(n / 4)], 2, n).flatten()
-            offset = math.ceil(n / 4)
+            offset = math.ceil(n / 4)  # the tags' bytes
+            tag = _unpack(data[None, :offset], 2, n).flatten()
             for k, b in enumerate(BITS):
                 size = row_bytes(width, b)
                 count = int((tag == k).sum())
