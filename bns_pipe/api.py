@@ -29,7 +29,7 @@ from torch import nn
 from bns_pipe.errors import BnsPipeError, ConfigError
 from bns_pipe.nn.features import row_normalize
 from bns_pipe.paths import cache_dir
-from bns_pipe.train.config import TrainConfig
+from bns_pipe.train.config import TrainConfig, to_toml
 
 
 @dataclass
@@ -119,18 +119,6 @@ def content_hash(data) -> str:
             digest.update(tensor.view(torch.uint8).numpy().tobytes())
     digest.update(f"{data.num_classes}:{data.multilabel}".encode())
     return digest.hexdigest()
-
-
-def to_toml(values: dict) -> str:
-    """A flat TOML document of ``values`` (None values left out)."""
-    lines = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if not isinstance(value, bool | int | float | str | list):
-            raise ConfigError(f"option {key}={value!r} cannot be written to a config file")
-        lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
 
 
 class PygGNN(nn.Module):

@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from bns_pipe import __version__
 from bns_pipe.errors import BnsPipeError, ConfigError
@@ -268,6 +270,24 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
         "powers of two)",
     )
     parser.add_argument("--out", required=True, help="the compressed file to write")
+    tune = parser.add_argument_group("fine-tuning in the compressed form first")
+    tune.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        help="train N epochs with the method's hook (the weights in its form from the first "
+        "epoch, gradients straight through) from the checkpoint, then compress the result",
+    )
+    tune.add_argument(
+        "--partition-dir",
+        help="partition to fine-tune on (made by `bns-pipe partition`; one local rank a part)",
+    )
+    tune.add_argument("--finetune-lr", type=float, help="learning rate (default: the checkpoint's)")
+    tune.add_argument("--metrics-jsonl", help="write the fine-tuning run's metrics here")
+
+
+# what fine-tuning takes from the checkpoint's options, beside the model's
+FINETUNE_KEYS = ("lr", "weight_decay", "metric", "eval_every")
 
 
 def _run_compress(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -277,12 +297,54 @@ def _run_compress(args: argparse.Namespace, argv: Sequence[str]) -> int:
     blob = read_model_file(args.checkpoint)
     if "optimizer" not in blob:
         raise BnsPipeError(f"{args.checkpoint} is already compressed: compress a checkpoint")
-    content, table = compress.compress_state(blob["model"], blob["config"], args.method)
+    compress.parse_method(args.method)  # a bad method fails before any fine-tuning
+    if args.finetune_epochs < 0:
+        raise ConfigError("--finetune-epochs must be non-negative")
+    if args.finetune_epochs:
+        out_dir = Path(args.out).resolve().parent
+        with tempfile.TemporaryDirectory(prefix=".finetune-", dir=out_dir) as directory:
+            blob = _finetune(args, blob["config"], directory)
+    content, table = compress.compress_state(
+        blob["model"], blob["config"], args.method, blob.get("hook_state")
+    )
     compress.write(args.out, content)
     text, summary = compress.report(table)
     print(text)
-    print(json.dumps({"out": args.out, "method": args.method, **summary}))
+    tuned = {"finetune_epochs": args.finetune_epochs}
+    print(json.dumps({"out": args.out, "method": args.method, **tuned, **summary}))
     return 0
+
+
+def _finetune(args: argparse.Namespace, saved: dict, directory: str) -> dict:
+    """Train ``--finetune-epochs`` epochs from ``--checkpoint`` with the hook of
+    ``--method``, checkpointing into ``directory``; return the final checkpoint."""
+    from bns_pipe import compress
+    from bns_pipe.train.checkpoint import newest_complete, read_model_file
+    from bns_pipe.train.config import to_toml
+
+    if not args.partition_dir:
+        raise ConfigError("--finetune-epochs needs --partition-dir (made by `bns-pipe partition`)")
+    keys = (*compress.MODEL_KEYS, *FINETUNE_KEYS)
+    values = {key: saved[key] for key in keys if key in saved}
+    values.update(
+        partition_dir=args.partition_dir,
+        init_from=args.checkpoint,
+        epochs=args.finetune_epochs,
+        hook=[compress.finetune_hook(args.method)],
+        checkpoint_dir=str(Path(directory) / "checkpoints"),
+        metrics_jsonl=args.metrics_jsonl,
+    )
+    if args.finetune_lr is not None:
+        values["lr"] = args.finetune_lr
+    config_file = Path(directory) / "finetune.toml"
+    config_file.write_text(to_toml(values))
+    train_argv = ["--config", str(config_file)]
+    if _run_train(build_parser().parse_args(["train", *train_argv]), train_argv) != 0:
+        raise BnsPipeError("fine-tuning failed (its error is above)")
+    final = newest_complete(Path(directory) / "checkpoints")
+    if final is None:
+        raise BnsPipeError("fine-tuning wrote no checkpoint")
+    return read_model_file(final)
 
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]

@@ -28,6 +28,7 @@ __all__ = [
     "CODECS",
     "FORMAT",
     "compress_state",
+    "finetune_hook",
     "is_compressed",
     "parse_method",
     "read",
@@ -66,16 +67,19 @@ def compressible(name: str, value: Tensor) -> bool:
     return name.startswith("convs.") and name.endswith("weight") and value.dim() == 2
 
 
-def compress_state(state: dict[str, Tensor], config: dict, spec: str) -> tuple[dict, list]:
+def compress_state(
+    state: dict[str, Tensor], config: dict, spec: str, hook_state: dict[str, Tensor] | None = None
+) -> tuple[dict, list]:
     """The file's content for the model ``state`` and the per-weight table
-    ``[(name, shape, float32 bytes, payload bytes)]``."""
+    ``[(name, shape, float32 bytes, payload bytes)]``; ``hook_state`` (a checkpoint's weight
+    hooks' own tensors) may tell the codec where to start (:meth:`Codec.hint`)."""
     codec = parse_method(spec)
     payload, dense, table = {}, {}, []
     for name, value in state.items():
         if not compressible(name, value):
             dense[name] = value
             continue
-        fields = codec.encode(value)
+        fields = codec.encode(value, **codec.hint(hook_state or {}, name.rsplit(".", 1)[0]))
         payload[name] = fields
         stored = sum(t.numel() * t.element_size() for t in fields.values())
         table.append((name, tuple(value.shape), value.numel() * 4, stored))
@@ -116,6 +120,16 @@ def write(path: str | os.PathLike, content: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def finetune_hook(spec: str) -> str:
+    """The ``--hook`` spec that trains in the form of method ``spec`` from the first epoch:
+    the hook of the codec's name with the codec's options (and its ``finetune_options``)."""
+    codec = parse_method(spec)
+    extra = codec.finetune_options
+    if not extra:
+        return spec
+    return f"{spec},{extra}" if ":" in spec else f"{spec}:{extra}"
 
 
 def is_compressed(blob: object) -> bool:

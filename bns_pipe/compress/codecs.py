@@ -10,7 +10,10 @@
   float32. One bit: the signs, with s = mean|W_row| (binary weights, ±s).
 
 ``encode(W) -> {field: tensor}`` and ``decode(fields, shape) -> W`` (float32); the bytes of
-the fields are the weight's payload.
+the fields are the weight's payload. A weight hook of the same name (:mod:`bns_pipe.hooks`)
+trains in the codec's form; its saved state may tell ``encode`` where to start
+(:meth:`Codec.hint`), and ``finetune_options`` make the hook hold that form from the first
+epoch (``bns-pipe compress --finetune-epochs``).
 """
 
 from __future__ import annotations
@@ -89,16 +92,23 @@ class Codec:
     """One compression method with its options (``name:key=value,...``)."""
 
     name = ""
+    finetune_options = ""
 
-    def encode(self, weight: Tensor) -> dict[str, Tensor]:
+    def encode(self, weight: Tensor, **hint: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def decode(self, fields: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
         raise NotImplementedError
 
+    def hint(self, hook_state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+        """Keyword arguments for ``encode`` of the weight ``<prefix>.weight`` from a
+        checkpoint's ``hook_state`` (the weight hooks' own tensors); none by default."""
+        return {}
+
 
 class KMeansCodec(Codec):
     name = "kmeans"
+    finetune_options = "hard_at=0"  # shared centres from the first epoch
 
     def __init__(self, k: str = "16") -> None:
         self.k = int(k)
@@ -106,7 +116,7 @@ class KMeansCodec(Codec):
             raise ValueError(f"kmeans needs k >= 2 centres, got {self.k}")
         self.bits = index_bits(self.k)
 
-    def encode(self, weight: Tensor) -> dict[str, Tensor]:
+    def encode(self, weight: Tensor, **hint: Tensor) -> dict[str, Tensor]:
         centres, index = kmeans_1d(weight, self.k)
         return {"centres": centres.float(), "index": pack_bits(index, self.bits)}
 
@@ -124,7 +134,7 @@ class IntCodec(Codec):
             raise ValueError(f"int needs bits in [1, 16], got {self.bits}")
         self.top = (1 << (self.bits - 1)) - 1
 
-    def encode(self, weight: Tensor) -> dict[str, Tensor]:
+    def encode(self, weight: Tensor, **hint: Tensor) -> dict[str, Tensor]:
         w = weight.detach().float().flatten(1)
         if self.bits == 1:
             return {"codes": pack_bits((w >= 0).long(), 1), "scale": w.abs().mean(1)}

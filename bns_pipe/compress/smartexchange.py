@@ -1,17 +1,20 @@
 """SmartExchange weights (Zhao et al., 2020): W ≈ Ce · B with a small basis B and a sparse
 coefficient matrix Ce whose entries are 0 or ±2^k.
 
-W (out, in) is read row-major in blocks of ``basis`` values (zero-padded at the end): X
-(m, b), m = ceil(out·in / b). The decomposition alternates, ``iterations`` times:
+W (out, in) is read row-major in blocks of ``basis`` values: X (m, b), m = floor(out·in / b);
+the tail of out·in mod b values (fewer than b) is stored as it is, in float32. The
+decomposition of X alternates, ``iterations`` times:
 
     Ce = X B⁺ → the ``sparsity`` fraction of smallest |Ce| set to 0 → the rest rounded to the
     nearest ±2^k with k in [k_max - 2^E + 1, k_max] (smaller ones to 0)
     B  = argmin ‖X - Ce B‖ (least squares)
 
 and keeps the pair with the smallest error ‖X - Ce B‖_F (the errors are returned per
-iteration). A file stores B (b, b) float32, k_max, and for Ce a bit mask of its nonzeros, then
-per nonzero its sign bit and k_max - k in E bits: about 1 + (1 - sparsity)(1 + E) bits a
-weight.
+iteration). B starts at the identity, or at a given basis: the one ``--hook smartexchange``
+trained with (its saved state), with which a trained weight Ce·B decomposes back exactly.
+
+A file stores B (b, b) float32, k_max, and for Ce a bit mask of its nonzeros, then per
+nonzero its sign bit and k_max - k in E bits: about 1 + (1 - sparsity)(1 + E) bits a weight.
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ def power_of_two(c: Tensor, exp_bits: int) -> tuple[Tensor, int]:
 
 
 def decompose(
-    x: Tensor, sparsity: float, exp_bits: int, iterations: int
+    x: Tensor, sparsity: float, exp_bits: int, iterations: int, basis: Tensor | None = None
 ) -> tuple[Tensor, Tensor, int, list[float]]:
-    """(Ce, B, k_max, errors) for X (m, b) float64 (module docstring)."""
+    """(Ce, B, k_max, errors) for X (m, b) float64, B starting at ``basis`` (b, b) or the
+    identity (module docstring)."""
     b = x.shape[1]
-    basis = torch.eye(b, dtype=torch.float64)
+    basis = torch.eye(b, dtype=torch.float64) if basis is None else basis.double()
+    if x.numel() == 0:  # a weight smaller than one block: all of it is the tail
+        return x.clone(), basis, 0, [0.0]
     best, errors = None, []
     for _ in range(iterations):
         coefficients = x @ torch.linalg.pinv(basis)
@@ -75,16 +81,36 @@ class SmartExchangeCodec(Codec):
         if not 1 <= self.exp_bits <= 8 or self.iterations < 1:
             raise ValueError("smartexchange needs exp_bits in [1, 8] and iterations >= 1")
 
-    def blocks(self, weight: Tensor) -> Tensor:
+    def blocks(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """X (m, b) float64, W's values row-major in whole blocks, and the tail (the rest)."""
         flat = weight.detach().double().flatten()
-        padded = torch.zeros(math.ceil(flat.numel() / self.basis) * self.basis, dtype=flat.dtype)
-        padded[: flat.numel()] = flat
-        return padded.view(-1, self.basis)
+        whole = flat.numel() // self.basis * self.basis
+        return flat[:whole].view(-1, self.basis), flat[whole:]
 
-    def encode(self, weight: Tensor) -> dict[str, Tensor]:
+    def encode(self, weight: Tensor, basis: Tensor | None = None) -> dict[str, Tensor]:
+        """The fields of W's decomposition, B starting at ``basis`` or the identity."""
+        return self.encode_from(weight, self.iterations, basis)
+
+    def encode_from(
+        self, weight: Tensor, iterations: int, basis: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """:meth:`encode` after ``iterations`` alternations from ``basis``."""
+        x, tail = self.blocks(weight)
         coefficients, basis, k_max, _ = decompose(
-            self.blocks(weight), self.sparsity, self.exp_bits, self.iterations
+            x, self.sparsity, self.exp_bits, iterations, basis
         )
+        return {**self.fields(coefficients, basis, k_max), "tail": tail.float()}
+
+    def hint(self, hook_state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+        """The basis ``--hook smartexchange`` trained ``<prefix>.weight`` with, if its
+        shape fits."""
+        basis = hook_state.get(f"{prefix}.parametrizations.weight.0.basis")
+        fits = basis is not None and tuple(basis.shape) == (self.basis, self.basis)
+        return {"basis": basis} if fits else {}
+
+    def fields(self, coefficients: Tensor, basis: Tensor, k_max: int) -> dict[str, Tensor]:
+        """What a file stores of Ce (m, b) and B (b, b) (beside W's tail): B, k_max, the bit
+        mask of Ce's nonzeros, their signs and exponents k_max - k."""
         flat = coefficients.flatten()
         nonzero = flat != 0
         k = torch.log2(flat[nonzero].abs()).round().long()
@@ -98,7 +124,7 @@ class SmartExchangeCodec(Codec):
 
     def decode(self, fields: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
         n = math.prod(shape)
-        m = math.ceil(n / self.basis)
+        m = n // self.basis
         nonzero = unpack_bits(fields["mask"], 1, m * self.basis).bool()
         count = int(nonzero.sum())
         signs = 1 - 2 * unpack_bits(fields["signs"], 1, count)
@@ -106,4 +132,4 @@ class SmartExchangeCodec(Codec):
         flat = torch.zeros(m * self.basis, dtype=torch.float64)
         flat[nonzero] = signs.double() * torch.exp2(k.double())
         weight = flat.view(m, self.basis) @ fields["basis"].double()
-        return weight.flatten()[:n].view(shape).float()
+        return torch.cat([weight.flatten().float(), fields["tail"]]).view(shape)

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from bns_pipe.errors import ConfigError
 from bns_pipe.hooks.base import BytePayload, EpochContext, InnerOperator, LayerHook, Message
 from bns_pipe.hooks.byte_counter import ByteCounter
+from bns_pipe.hooks.int_weights import IntHook
 from bns_pipe.hooks.kmeans import KMeansHook
 from bns_pipe.hooks.ldp import LDPHook
 from bns_pipe.hooks.quant import QuantHook
+from bns_pipe.hooks.smartexchange import SmartExchangeHook
 from bns_pipe.spec import build_from_spec
 
 __all__ = [
@@ -30,7 +32,8 @@ __all__ = [
 ]
 
 HOOKS: dict[str, type[LayerHook]] = {
-    hook.name: hook for hook in (ByteCounter, QuantHook, KMeansHook, LDPHook)
+    hook.name: hook
+    for hook in (ByteCounter, QuantHook, KMeansHook, LDPHook, SmartExchangeHook, IntHook)
 }
 
 

@@ -21,78 +21,54 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch import Tensor
 
-from bns_pipe.compress.codecs import index_bits, kmeans_1d, nearest
-from bns_pipe.hooks.base import EpochContext, LayerHook
-from bns_pipe.hooks.weights import conv_weights
+from bns_pipe.compress.codecs import KMeansCodec, index_bits, kmeans_1d
+from bns_pipe.hooks.base import EpochContext
+from bns_pipe.hooks.projection import ProjectionHook, latent
 
 __all__ = ["KMeansHook"]
 
 
-class _Shared(nn.Module):
-    """The parametrization: W itself (soft phase) or C[nearest(W)] with a straight-through
-    gradient (hard phase)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hard = False
-        self.centres: Tensor | None = None
-
-    def forward(self, weight: Tensor) -> Tensor:
-        if not self.hard or self.centres is None:
-            return weight
-        centres = self.centres.to(weight.dtype)
-        shared = centres[nearest(weight.detach(), centres)]
-        return shared + (weight - weight.detach())  # exactly the centres; gradient 1
-
-
-class KMeansHook(LayerHook):
+class KMeansHook(ProjectionHook):
     name = "kmeans"
 
     def __init__(self, k: str = "16", lam: str = "1e-4", every: str = "5", hard_at: str = "0.75"):
-        self.k, self.lam, self.every, self.hard_at = int(k), float(lam), int(every), float(hard_at)
-        if self.k < 2:
-            raise ValueError(f"k must be at least 2 centres, got {self.k}")
-        if self.lam < 0 or self.every < 1 or not 0 <= self.hard_at <= 1:
-            raise ValueError("lam must be >= 0, every >= 1 and hard_at in [0, 1]")
-        self.layers: list[tuple[nn.Module, _Shared]] = []
+        super().__init__(KMeansCodec(k), every)
+        self.k, self.lam, self.hard_at = int(k), float(lam), float(hard_at)
+        if self.lam < 0 or not 0 <= self.hard_at <= 1:
+            raise ValueError("lam must be >= 0 and hard_at in [0, 1]")
         self.assignments: list[tuple[Tensor, Tensor]] = []  # per layer: (centres, index)
-
-    def on_model(self, model: nn.Module) -> None:
-        for _, module in conv_weights(model):
-            shared = _Shared()
-            parametrize.register_parametrization(module, "weight", shared)
-            self.layers.append((module, shared))
+        self.hard = False
 
     def on_epoch(self, context: EpochContext) -> None:
         if not context.training:
             return
-        hard = context.epoch >= math.floor(self.hard_at * context.epochs)
-        if hard or not self.assignments or context.epoch % self.every == 0:
+        self.hard = context.epoch >= math.floor(self.hard_at * context.epochs)
+        if self.hard or not self.assignments or context.epoch % self.every == 0:
             starts = [c for c, _ in self.assignments] or [None] * len(self.layers)
             self.assignments = [
-                kmeans_1d(self._latent(module), self.k, init)
+                kmeans_1d(latent(module), self.k, init)
                 for (module, _), init in zip(self.layers, starts, strict=True)
             ]
-        for (_, shared), (centres, _) in zip(self.layers, self.assignments, strict=True):
-            shared.hard, shared.centres = hard, centres
-
-    @staticmethod
-    def _latent(module: nn.Module) -> Tensor:
-        return module.parametrizations.weight.original
+        for (module, projected), (centres, index) in zip(
+            self.layers, self.assignments, strict=True
+        ):
+            weight = latent(module)
+            shared = centres[index].view(weight.shape).to(weight) if self.hard else None
+            projected.projected = shared
 
     def loss_term(self) -> Tensor | None:
         """λ/2 Σ (w - c(w))² over the layers in the soft phase."""
+        if self.hard or self.lam == 0 or not self.assignments:
+            return None
         terms = []
-        for (module, shared), (centres, index) in zip(self.layers, self.assignments, strict=True):
-            if not shared.hard and self.lam > 0:
-                weight = self._latent(module).flatten()
-                means = torch.zeros_like(centres).index_add_(0, index, weight.detach().double())
-                means = means / torch.bincount(index, minlength=self.k).clamp(min=1)
-                terms.append((weight - means[index].to(weight.dtype)).pow(2).sum())
-        return self.lam / 2 * sum(terms) if terms else None
+        for (module, _), (centres, index) in zip(self.layers, self.assignments, strict=True):
+            weight = latent(module).flatten()
+            means = torch.zeros_like(centres).index_add_(0, index, weight.detach().double())
+            means = means / torch.bincount(index, minlength=self.k).clamp(min=1)
+            terms.append((weight - means[index].to(weight.dtype)).pow(2).sum())
+        return self.lam / 2 * sum(terms)
 
     def report(self) -> dict:
         """The centres a layer uses (its distinct weights, at most k) and the storage ratio

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["conv_weights", "load_plain_state_dict", "plain_state_dict"]
+__all__ = ["conv_weights", "hook_tensors", "load_plain_state_dict", "plain_state_dict"]
 
 LATENT = ".parametrizations.weight.original"
 OWN = ".parametrizations.weight."
@@ -43,13 +43,18 @@ def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
                 prefix = key[: -len(LATENT)]
                 with torch.no_grad():
                     plain[f"{prefix}.weight"] = model.get_submodule(prefix).weight.detach().clone()
-            elif OWN in key:
+            elif OWN in key:  # the parametrizations' own tensors (hook_tensors)
                 own[key] = value
             else:
                 plain[key] = value
     finally:
         model.train(training)
     return plain, own
+
+
+def hook_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parametrizations' own tensors of ``model``'s state dict, as they are."""
+    return {k: v for k, v in model.state_dict().items() if OWN in k and not k.endswith(LATENT)}
 
 
 def load_plain_state_dict(

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from bns_pipe import compress
 from bns_pipe.errors import BnsPipeError
-from bns_pipe.hooks.weights import load_plain_state_dict, plain_state_dict
+from bns_pipe.hooks.weights import hook_tensors, load_plain_state_dict, plain_state_dict
 from bns_pipe.train.distributed import DistContext
 
 PREFIX = "epoch_"
@@ -265,6 +265,16 @@ def read_model_file(path: str | Path) -> dict:
     if not (isinstance(blob, dict) and {"model", "config"} <= blob.keys()):
         raise CheckpointError(f"{path} is not a bns_pipe checkpoint (no model and config)")
     return blob
+
+
+def load_initial(model: torch.nn.Module, path: str | Path) -> None:
+    """Load the model of the checkpoint or compressed file ``path`` into ``model``
+    (``--init-from``: fine-tuning's start); the model's hooks keep their own state."""
+    blob = read_model_file(path)
+    try:
+        load_plain_state_dict(model, blob["model"], hook_tensors(model))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit this run's model: {exc}") from None
 
 
 def load_latest(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    init_from: str | None = None
     sampling_rate: float = 1.0
     bns_norm: str = "unbiased"
     pipeline: bool = False
@@ -131,6 +133,8 @@ _FLAG_HELP = {
     "checkpoint_every": "checkpoint every N epochs (0: only at the end and on SIGTERM)",
     "keep_checkpoints": "keep the newest N checkpoints (0: all)",
     "resume": "resume from the newest complete checkpoint in --checkpoint-dir",
+    "init_from": "start from the model of this checkpoint (directory or model.pt) or "
+    "compressed file, with a fresh optimiser at epoch 0 (fine-tuning)",
     "sampling_rate": "BNS: keep each boundary node with this probability per epoch (1: all)",
     "bns_norm": "BNS normalisation: unbiased (kept halo rows x 1/p) or renorm (sampled "
     "degree); GAT's softmax always runs over the kept neighbours",
@@ -178,6 +182,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if given is not None:
             values[f.name] = given
     return TrainConfig(**values).validate()
+
+
+def to_toml(values: dict) -> str:
+    """A flat TOML document of ``values`` (None values left out), as ``--config`` reads."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not isinstance(value, bool | int | float | str | list):
+            raise ConfigError(f"option {key}={value!r} cannot be written to a config file")
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def read_toml(path: str | Path) -> dict:

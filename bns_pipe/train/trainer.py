@@ -111,6 +111,8 @@ class Trainer:
         ).to(ctx.device, dtype)
         for hook in self.hooks:
             hook.on_model(self.model)
+        if config.init_from:
+            checkpoint.load_initial(self.model, config.init_from)
         for tensor in self.model.state_dict().values():  # identical replicas
             dist.broadcast(tensor, src=0, group=ctx.reduce_group)
         self.optimizer = torch.optim.Adam(
@@ -201,8 +203,8 @@ class Trainer:
     def train_step(self, epoch: int) -> dict:
         """One epoch's step with the optimiser update; returns this rank's loss and times
         (``hooks``: the seconds each hook reports for the step, by key)."""
-        self._tell_hooks(epoch, training=True)
         start = time.perf_counter()
+        self._tell_hooks(epoch, training=True)  # a weight hook's refresh is the step's work
         loss, _, times = self.forward_backward(epoch)
         self.optimizer.step()
         epoch_time = time.perf_counter() - start
