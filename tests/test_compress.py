@@ -210,7 +210,9 @@ def test_kmeans_hook_is_the_identity_until_it_shares_and_passes_gradients_straig
     hook.on_epoch(EpochContext(0, True, epochs=4))  # soft
     for name, module in conv_weights(model):
         assert torch.equal(module.weight, before[name])
+    assert not hook.deployed()  # model selection waits for the shared weights
     hook.on_epoch(EpochContext(2, True, epochs=4))  # hard, k > distinct values: exact
+    assert hook.deployed()
     for name, module in conv_weights(model):
         assert torch.equal(module.weight, before[name])
     small = build_hook("kmeans:k=4,hard_at=0")
@@ -294,7 +296,8 @@ def runs_on_one_and_two_ranks(tmp_path: Path, hook: str, **options) -> list[list
 
 def test_weight_hook_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
     """k-means sharing (soft, then hard from epoch 3): the same losses on 1 and 2 ranks;
-    the checkpoint keeps plain names and shared weights."""
+    model selection counts the shared epochs only; the checkpoint keeps plain names and
+    shared weights."""
     ckpt = str(tmp_path / "ckpt")
     runs = runs_on_one_and_two_ranks(
         tmp_path,
@@ -304,6 +307,9 @@ def test_weight_hook_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
         checkpoint_every=6,
     )
     assert all(run[-1]["hooks"]["kmeans"]["clusters"] == [8, 8] for run in runs)
+    for run in runs:  # the best validation epoch is a shared one (from epoch 3)
+        shared = [r["val_acc"] for r in run if "val_acc" in r and r["epoch"] >= 3]
+        assert run[-1]["best_val_acc"] == max(shared)
     state = read_model_file(next((tmp_path / "ckpt2").glob("epoch_*")))["model"]
     assert "convs.0.lin.weight" in state and torch.unique(state["convs.0.lin.weight"]).numel() == 8
 

@@ -22,6 +22,8 @@ A hook overrides any of these points; each default leaves training unchanged:
 - per epoch: ``on_epoch(context)`` before each training step (``training=True``) and each
   evaluation (``training=False``); ``epoch_times()`` the seconds this rank spent in the hook
   since the last call (per-epoch keys, the slowest rank's).
+- ``deployed() -> bool``: whether evaluations now score the weights in the form training
+  ends with (model selection counts only those: a k-means run's best epoch is a shared one).
 - ``report() -> dict``: what the hook did; the final metrics line gathers the reports of
   every hook as ``"hooks": {name: report}`` (rank 0's; reports must agree across ranks or
   say whose they are).
@@ -129,6 +131,9 @@ class LayerHook:
 
     def epoch_times(self) -> dict[str, float]:
         return {}
+
+    def deployed(self) -> bool:
+        return True
 
     def report(self) -> dict:
         return {}

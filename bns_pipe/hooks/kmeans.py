@@ -10,7 +10,8 @@ exactly at the end (Wu et al., ICML 2018, for scalar weights):
   relaxes F to W's top singular vectors to cluster vectors; for scalars the exact 1-D
   clustering is cheap, and the relaxation would be degenerate: WᵀW has rank 1.)
 - hard phase, from epoch ⌊H · epochs⌋: the layer computes with C[nearest(W)], the nearest of
-  the K centres (refreshed every epoch), and its gradient passes straight through to W.
+  the K centres (refreshed every epoch), and its gradient passes straight through to W. Model
+  selection (best validation epoch) counts the hard phase only.
 
 The weights are replicated, so every rank clusters the same values and adds the same λ/K
 share of the regulariser to its loss. Checkpoints hold the shared weights under plain names.
@@ -40,11 +41,13 @@ class KMeansHook(ProjectionHook):
             raise ValueError("lam must be >= 0 and hard_at in [0, 1]")
         self.assignments: list[tuple[Tensor, Tensor]] = []  # per layer: (centres, index)
         self.hard = False
+        self.will_share = self.hard_at < 1
 
     def on_epoch(self, context: EpochContext) -> None:
         if not context.training:
             return
-        self.hard = context.epoch >= math.floor(self.hard_at * context.epochs)
+        sharing_from = math.floor(self.hard_at * context.epochs)
+        self.hard, self.will_share = context.epoch >= sharing_from, sharing_from < context.epochs
         if self.hard or not self.assignments or context.epoch % self.every == 0:
             starts = [c for c, _ in self.assignments] or [None] * len(self.layers)
             self.assignments = [
@@ -57,6 +60,10 @@ class KMeansHook(ProjectionHook):
             weight = latent(module)
             shared = centres[index].view(weight.shape).to(weight) if self.hard else None
             projected.projected = shared
+
+    def deployed(self) -> bool:
+        """The soft phase's weights are not the ones a run that shares ends with."""
+        return self.hard or not self.will_share
 
     def loss_term(self) -> Tensor | None:
         """λ/2 Σ (w - c(w))² over the layers in the soft phase."""

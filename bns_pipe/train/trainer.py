@@ -360,9 +360,10 @@ class Trainer:
             record["val_acc"], record["val_metric"] = scores["val"], scores["val_metric"]
             record["eval_time_s"] = time.perf_counter() - start
             state = self.state
-            if scores["val"] > state["best_val"]:
+            final_form = all(hook.deployed() for hook in self.hooks)
+            if final_form and scores["val"] > state["best_val"]:
                 state["best_val"], state["test_at_best"] = scores["val"], scores["test"]
-            if scores["val_metric"] > state["best_val_metric"]:
+            if final_form and scores["val_metric"] > state["best_val_metric"]:
                 state["best_val_metric"] = scores["val_metric"]
                 state["test_at_best_metric"] = scores["test_metric"]
         self.state["epoch"] = epoch + 1
