@@ -63,14 +63,27 @@ def _run_partition(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="partition directory")
+    parser.add_argument(
+        "--hook",
+        action="append",
+        default=[],
+        help="run this hook's load step (e.g. island) on every part and print its report",
+    )
 
 
 def _run_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from bns_pipe.partition import format_table, verify_partition
+    from bns_pipe.hooks import build_hook, validate_specs
+    from bns_pipe.partition import format_table, load_partition, verify_partition
 
+    validate_specs(args.hook)
     manifest = verify_partition(args.directory)
     print(format_table(manifest))
     print(f"\nall {len(manifest['files'])} part files match their SHA-256")
+    for spec in args.hook:
+        for rank in range(manifest["num_parts"]):
+            hook = build_hook(spec)
+            hook.on_graph(load_partition(args.directory, rank))
+            print(f"part {rank + 1}/{manifest['num_parts']} {spec}: {json.dumps(hook.report())}")
     return 0
 
 

@@ -13,6 +13,7 @@ from bns_pipe.errors import ConfigError
 from bns_pipe.hooks.base import BytePayload, EpochContext, InnerOperator, LayerHook, Message
 from bns_pipe.hooks.byte_counter import ByteCounter
 from bns_pipe.hooks.int_weights import IntHook
+from bns_pipe.hooks.island import IslandHook
 from bns_pipe.hooks.kmeans import KMeansHook
 from bns_pipe.hooks.ldp import LDPHook
 from bns_pipe.hooks.quant import QuantHook
@@ -33,7 +34,15 @@ __all__ = [
 
 HOOKS: dict[str, type[LayerHook]] = {
     hook.name: hook
-    for hook in (ByteCounter, QuantHook, KMeansHook, LDPHook, SmartExchangeHook, IntHook)
+    for hook in (
+        ByteCounter,
+        QuantHook,
+        KMeansHook,
+        LDPHook,
+        SmartExchangeHook,
+        IntHook,
+        IslandHook,
+    )
 }
 
 

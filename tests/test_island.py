@@ -1,0 +1,139 @@
+"""Islandization (``--hook island``): the island invariants, the local renumbering, and
+training that is unchanged by it (GCN and SAGE on 1, 2 and 4 ranks against PyG, with BNS and
+the pipeline against the run without the hook)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bns_pipe.cli import main
+from bns_pipe.errors import ConfigError
+from bns_pipe.hooks.island import IslandHook
+from bns_pipe.partition import Partition, load_partition, partition
+from bns_pipe.train.config import TrainConfig
+from tests.test_gold import check_against_reference, gold_dataset, run_world
+
+
+def _edges(part: Partition) -> list[tuple[int, int]]:
+    rows = torch.repeat_interleave(torch.arange(part.n_inner), part.indptr.diff())
+    local = torch.cat([part.inner_global_ids, part.halo_global_ids])
+    pairs = zip(part.inner_global_ids[rows].tolist(), local[part.indices].tolist(), strict=True)
+    return sorted(pairs)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("island") / "p"
+    partition(gold_dataset("synthetic"), 2, directory, verbose=False)
+    return directory
+
+
+@pytest.mark.parametrize("options", [{}, {"max_island": "5"}, {"hub_degree": "3"}])
+def test_islands_cover_every_node_once_and_the_renumbering_is_local(
+    parts: Path, options: dict
+) -> None:
+    """Every inner node is a hub or in exactly one island of at most max_island nodes, no
+    island holds a hub; the order is a permutation, hub by hub with their islands; the
+    renumbered part has the same edges, features, labels, masks and degrees by global id,
+    send lists naming the same global nodes in the same order, halo untouched, and each
+    row's columns ascending."""
+    for rank in range(2):
+        part = load_partition(parts, rank)
+        hook = IslandHook(**options)
+        new = hook.on_graph(part)
+        found = hook.found
+        members = [node for island in found.islands for node in island]
+        assert sorted(found.hubs + members) == list(range(part.n_inner))
+        assert not set(found.hubs) & set(members)
+        assert max(map(len, found.islands)) <= int(options.get("max_island", 64))
+        assert torch.equal(torch.sort(found.order)[0], torch.arange(part.n_inner))
+        assert not torch.equal(found.order, torch.arange(part.n_inner))  # it does move nodes
+        assert _edges(new) == _edges(part)
+        assert torch.equal(new.halo_global_ids, part.halo_global_ids)
+        for old_ids, new_ids in zip(part.send_ids, new.send_ids, strict=True):
+            assert torch.equal(new.inner_global_ids[new_ids], part.inner_global_ids[old_ids])
+        position = torch.argsort(part.inner_global_ids)
+        moved = torch.argsort(new.inner_global_ids)
+        for key in ("x", "y", "train_mask", "val_mask", "test_mask"):
+            assert torch.equal(getattr(new, key)[moved], getattr(part, key)[position])
+        for key in ("in_degree", "out_degree"):
+            old, now = getattr(part, key), getattr(new, key)
+            assert torch.equal(now[: new.n_inner][moved], old[: part.n_inner][position])
+            assert torch.equal(now[new.n_inner :], old[part.n_inner :])
+        for row in range(new.n_inner):
+            columns = new.indices[new.indptr[row] : new.indptr[row + 1]]
+            assert torch.equal(columns, torch.sort(columns)[0])
+        report = hook.report()
+        assert report["islands"] == len(found.islands) and report["hubs"] == len(found.hubs)
+        assert report["pruned_fraction"] == 0.0 and report["rank"] == rank
+
+
+def test_islands_are_found_in_a_path_and_a_star() -> None:
+    """A star: the centre is the hub, the leaves islands of one; a path of 10 with no hub
+    and a cap of 4: islands 4, 4, 2 in order."""
+    from bns_pipe.hooks.island import find_islands
+
+    leaves = torch.arange(1, 9)
+    indptr = torch.cat([torch.tensor([0, 8]), 8 + torch.arange(1, 9)])
+    indices = torch.cat([leaves, torch.zeros(8, dtype=torch.int64)])
+    found = find_islands(indptr, indices, None, 64)
+    assert found.hubs == [0] and found.islands == [[i] for i in range(1, 9)]
+    assert found.order.tolist() == list(range(9))
+    src = torch.arange(9)
+    row = torch.cat([src, src + 1])
+    col = torch.cat([src + 1, src])
+    order = torch.argsort(row * 10 + col)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(row).cumsum(0)])
+    found = find_islands(indptr, col[order], 100, 4)
+    assert found.hubs == [] and found.islands == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_training_with_islands_equals_the_reference(tmp_path: Path, world: int) -> None:
+    """GCN and SAGE with the hook (islands of at most 4 nodes): logits, weight gradients and
+    5 losses of the single-process PyG model (float64)."""
+    cases = [("synthetic", {"model": m, "hook": ["island:max_island=4"]}) for m in ("gcn", "sage")]
+    results = run_world(world, cases, tmp_path)
+    for index, (name, options) in enumerate(cases):
+        check_against_reference(gold_dataset(name), results[f"{name}/{index}"], **options)
+
+
+def test_islands_change_nothing_with_sampling_and_the_pipeline(tmp_path: Path) -> None:
+    """BNS 0.3 with the pipeline on 2 ranks: with and without the hook, the same logits by
+    global id, weight gradients and losses (the sample is keyed by send-list position, which
+    the renumbering keeps)."""
+    mode = {"model": "gcn", "sampling_rate": 0.3, "pipeline": True}
+    cases = [("synthetic", mode), ("synthetic", {**mode, "hook": ["island:max_island=4"]})]
+    results = run_world(2, cases, tmp_path)
+    for plain, hooked in zip(results["synthetic/0"], results["synthetic/1"], strict=True):
+        order = torch.argsort(hooked["ids"])
+        reference = torch.argsort(plain["ids"])
+        torch.testing.assert_close(hooked["logits"][order], plain["logits"][reference])
+        for name, grad in plain["grads"].items():
+            torch.testing.assert_close(hooked["grads"][name], grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(hooked["losses"], plain["losses"], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("island:max_island=0", "max_island must be at least 1"),
+        ("island:hub_degree=0", "hub_degree must be auto or at least 1"),
+        ("island:hub_degree=many", "invalid literal"),
+        ("island:size=4", "unexpected keyword"),
+    ],
+)
+def test_bad_island_options(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(hook=[spec]).validate()
+
+
+def test_info_prints_islands_per_part(parts: Path, capfd) -> None:
+    assert main(["info", str(parts), "--hook", "island:max_island=8"]) == 0
+    lines = [line for line in capfd.readouterr().out.splitlines() if "island" in line]
+    reports = [json.loads(line.split(": ", 1)[1]) for line in lines]
+    assert [r["rank"] for r in reports] == [0, 1] and all(r["islands"] > 0 for r in reports)
