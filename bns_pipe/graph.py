@@ -167,9 +167,12 @@ class LocalGraph:
             out = _InnerProduct.apply(x, inner)
         else:
             out = _DistributedSpmm.apply(x, inner, self._halo_block(kind), self.transport, layer)
+        looped = kind == "gcn" and getattr(inner, "self_loops", False)
         if self.row_scale is not None:
             out = out * self.row_scale
-        if kind == "gcn":
+            if looped:  # renorm scales the neighbour sum, not the self-loop term
+                out = out + (1 - self.row_scale) * self.self_weight * x
+        if kind == "gcn" and not looped:
             out = out + self.self_weight * x
         return out
 

@@ -92,22 +92,67 @@ def test_islands_are_found_in_a_path_and_a_star() -> None:
     assert found.hubs == [] and found.islands == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+ISLANDS = "island:max_island=4,redundancy=on"
+
+
+def test_shared_pairs_are_summed_once_and_covers_stay_the_neighbour_sets(parts: Path) -> None:
+    """A triangle with self-loops: one pair, then the pair and the third node, serve all
+    three rows: 2 additions instead of 6. On a renumbered part: every cover's leaves are
+    exactly the row's neighbours (integers), and the product and its transpose equal the
+    block's, with GCN's self-loop term, to float64 rounding."""
+    from bns_pipe.graph import LocalGraph
+    from bns_pipe.hooks.island import inner_pattern
+    from bns_pipe.hooks.redundancy import merge_shared_pairs, plain_additions
+
+    indptr = torch.tensor([0, 3, 6, 9])
+    triangle = merge_shared_pairs(indptr, torch.tensor([0, 1, 2] * 3), [[0, 1, 2]], 10)
+    assert triangle.pairs.tolist() == [[0, 1], [2, 3]] and triangle.additions() == 2
+    assert plain_additions(indptr) == 6 and [len(lv) for lv in triangle.levels] == [1, 1]
+    hook = IslandHook(max_island="8", redundancy="on")
+    part = hook.on_graph(load_partition(parts, 0))
+    indptr, indices = inner_pattern(part, self_loops=True)
+    hierarchy = merge_shared_pairs(indptr, indices, hook.found.islands, part.n_inner)
+    assert hierarchy.pairs.shape[0] > 0
+    leaves = [[i] for i in range(part.n_inner)]
+    for u, v in hierarchy.pairs.tolist():
+        leaves.append(leaves[u] + leaves[v])
+    cover = hierarchy.cover
+    for row in range(part.n_inner):
+        members = cover.indices[cover.indptr[row] : cover.indptr[row + 1]].tolist()
+        expanded = sorted(leaf for m in members for leaf in leaves[m])
+        assert expanded == indices[indptr[row] : indptr[row + 1]].tolist()
+    plain, hooked = (LocalGraph(part, dtype=torch.float64, hooks=h) for h in ([], [hook]))
+    x = torch.randn(part.n_inner, 3, dtype=torch.float64)
+    for kind in ("gcn", "mean"):
+        for graph in (plain, hooked):
+            x.grad = None
+            graph.aggregate(x.requires_grad_(), kind, 0).pow(2).sum().backward()
+            graph.result = (graph.aggregate(x, kind, 0).detach(), x.grad.clone())
+        torch.testing.assert_close(hooked.result[0], plain.result[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(hooked.result[1], plain.result[1], rtol=1e-12, atol=1e-14)
+    assert hooked.inner["gcn"].self_loops and not hooked.inner["mean"].self_loops
+    report = hook.report()
+    assert report["redundancy"] == "on" and 0 < report["pruned_fraction"] < 1
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_training_with_islands_equals_the_reference(tmp_path: Path, world: int) -> None:
-    """GCN and SAGE with the hook (islands of at most 4 nodes): logits, weight gradients and
-    5 losses of the single-process PyG model (float64)."""
-    cases = [("synthetic", {"model": m, "hook": ["island:max_island=4"]}) for m in ("gcn", "sage")]
+    """GCN and SAGE with the hook (islands of at most 4 nodes, shared pairs summed once):
+    logits, weight gradients and 5 losses of the single-process PyG model (float64)."""
+    cases = [("synthetic", {"model": m, "hook": [ISLANDS]}) for m in ("gcn", "sage")]
     results = run_world(world, cases, tmp_path)
     for index, (name, options) in enumerate(cases):
         check_against_reference(gold_dataset(name), results[f"{name}/{index}"], **options)
 
 
-def test_islands_change_nothing_with_sampling_and_the_pipeline(tmp_path: Path) -> None:
-    """BNS 0.3 with the pipeline on 2 ranks: with and without the hook, the same logits by
-    global id, weight gradients and losses (the sample is keyed by send-list position, which
-    the renumbering keeps)."""
-    mode = {"model": "gcn", "sampling_rate": 0.3, "pipeline": True}
-    cases = [("synthetic", mode), ("synthetic", {**mode, "hook": ["island:max_island=4"]})]
+@pytest.mark.parametrize("norm", ["unbiased", "renorm"])
+def test_islands_change_nothing_with_sampling_and_the_pipeline(tmp_path: Path, norm) -> None:
+    """BNS 0.3 (both normalisations: renorm scales the neighbour sum, not GCN's self-loop term
+    the hook's product includes) with the pipeline on 2 ranks: with and without the hook, the
+    same logits by global id, weight gradients and losses (the sample is keyed by send-list
+    position, which the renumbering keeps)."""
+    mode = {"model": "gcn", "sampling_rate": 0.3, "pipeline": True, "bns_norm": norm}
+    cases = [("synthetic", mode), ("synthetic", {**mode, "hook": [ISLANDS]})]
     results = run_world(2, cases, tmp_path)
     for plain, hooked in zip(results["synthetic/0"], results["synthetic/1"], strict=True):
         order = torch.argsort(hooked["ids"])
@@ -125,6 +170,8 @@ def test_islands_change_nothing_with_sampling_and_the_pipeline(tmp_path: Path) -
         ("island:hub_degree=0", "hub_degree must be auto or at least 1"),
         ("island:hub_degree=many", "invalid literal"),
         ("island:size=4", "unexpected keyword"),
+        ("island:redundancy=maybe", "redundancy must be auto, on or off"),
+        ("island:capacity=-1", "capacity must be auto or at least 0"),
     ],
 )
 def test_bad_island_options(spec: str, message: str) -> None:

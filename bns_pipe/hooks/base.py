@@ -6,7 +6,8 @@ A hook overrides any of these points; each default leaves training unchanged:
   the inner nodes only (remapping ``send_ids``' values); peers and halo order stay.
 - inner aggregation: ``inner_operator(kind, block)`` may hand the local graph a replacement
   for the fixed inner block ``A_inner`` of aggregation ``kind`` (``"gcn"`` or ``"mean"``), an
-  :class:`InnerOperator` with the product and its transpose. The halo block stays on its
+  :class:`InnerOperator` with the product and its transpose (GCN's self-loop term included
+  or not). The halo block stays on its
   path, so BNS and the pipeline are untouched.
 - messages: ``on_send(message, rows) -> payload`` and ``on_receive(message, payload) ->
   rows`` around every halo transfer; :class:`Message` names the layer, the direction
@@ -96,7 +97,9 @@ class BytePayload:
 
 
 class InnerOperator(Protocol):
-    """A replacement for ``A_inner`` (n_inner, n_inner): ``A x`` and ``Aᵀ g``."""
+    """A replacement for ``A_inner`` (n_inner, n_inner): ``A x`` and ``Aᵀ g``. An operator
+    of the ``"gcn"`` kind with a true attribute ``self_loops`` (read after its first product)
+    includes the self-loop term diag(1 / (d_i + 1)) in both, and the graph does not add it."""
 
     def __call__(self, x: Tensor) -> Tensor: ...
 

@@ -19,8 +19,15 @@ degrees and global ids move with their nodes; ``send_ids`` keep their order with
 so the halo order and every peer are unchanged. Dropout is keyed by global id, so training
 computes the same (to float summation order). Deterministic: no randomness involved.
 
-Report: ``islands``, ``hubs``, ``pruned_fraction`` (aggregation additions removed; 0 here:
-this hook reorders only) and ``preprocess_s``.
+Redundancy (``redundancy=auto|on|off``, ``capacity=auto|N``): the inner aggregation of the
+kind the model uses runs through :mod:`bns_pipe.hooks.redundancy`, the neighbour pairs shared
+within each island summed once (at most ``capacity`` aggregation nodes, auto: n_inner / 4);
+``auto`` keeps the plain product where that removes under 10% of the additions. The halo
+block keeps its path, so BNS and the pipeline work unchanged. Built on the first product.
+
+Report: ``islands``, ``hubs`` (this rank's), ``pruned_fraction`` = 1 - additions performed /
+additions of the plain inner aggregation (GCN's with its self-loop term; 0 where redundancy
+is off), ``redundancy`` (what is in use, and why) and ``preprocess_s``.
 """
 
 from __future__ import annotations
@@ -31,12 +38,20 @@ import time
 from collections import deque
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from bns_pipe.hooks.base import LayerHook
+from bns_pipe.hooks.base import InnerOperator, LayerHook
+from bns_pipe.hooks.redundancy import (
+    RedundancyFreeOperator,
+    merge_shared_pairs,
+    plain_additions,
+)
 from bns_pipe.partition import Partition
+from bns_pipe.sparse import CSR, spmm
 
 __all__ = ["IslandHook", "Islands", "find_islands", "renumber"]
+
+AUTO_PRUNED = 0.1  # redundancy=auto keeps the structure when it removes this many additions
 
 
 @dataclasses.dataclass
@@ -128,34 +143,131 @@ def renumber(part: Partition, order: Tensor) -> Partition:
 class IslandHook(LayerHook):
     name = "island"
 
-    def __init__(self, hub_degree: str = "auto", max_island: str = "64") -> None:
+    def __init__(
+        self,
+        hub_degree: str = "auto",
+        max_island: str = "64",
+        redundancy: str = "auto",
+        capacity: str = "auto",
+    ) -> None:
         self.hub_degree = None if hub_degree == "auto" else int(hub_degree)
         self.max_island = int(max_island)
+        self.capacity = None if capacity == "auto" else int(capacity)
+        self.redundancy = redundancy
         if self.hub_degree is not None and self.hub_degree < 1:
             raise ValueError(f"hub_degree must be auto or at least 1, got {self.hub_degree}")
         if self.max_island < 1:
             raise ValueError(f"max_island must be at least 1 node, got {self.max_island}")
+        if self.capacity is not None and self.capacity < 0:
+            raise ValueError(f"capacity must be auto or at least 0, got {self.capacity}")
+        if redundancy not in ("auto", "on", "off"):
+            raise ValueError(f"redundancy must be auto, on or off, got {redundancy!r}")
         self.found: Islands | None = None
+        self.part: Partition | None = None
+        self.pruned: dict[str, float] = {}  # per aggregation kind in use
+        self.attention = False
         self.preprocess_s, self.rank = 0.0, 0
 
     def on_graph(self, part: Partition) -> Partition:
         start = time.perf_counter()
-        inner = part.indices < part.n_inner
-        rows = torch.repeat_interleave(torch.arange(part.n_inner), part.indptr.diff())
-        counts = torch.bincount(rows[inner], minlength=part.n_inner)
-        indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        self.found = find_islands(indptr, part.indices[inner], self.hub_degree, self.max_island)
-        part = renumber(part, self.found.order)
+        indptr, indices = inner_pattern(part)
+        self.found = find_islands(indptr, indices, self.hub_degree, self.max_island)
+        self.part = renumber(part, self.found.order)
         self.rank = part.rank
         self.preprocess_s = time.perf_counter() - start
-        return part
+        return self.part
+
+    def inner_operator(self, kind: str, block: CSR) -> InnerOperator | None:
+        return None if self.redundancy == "off" else _Deferred(self, kind, block)
+
+    def operator(self, kind: str, dtype: torch.dtype, device) -> RedundancyFreeOperator | None:
+        """The redundancy-free product of ``kind`` over the renumbered inner block, islands
+        as groups, or None where ``redundancy=auto`` finds it prunes too little."""
+        start = time.perf_counter()
+        part, loops = self.part, kind == "gcn"
+        indptr, indices = inner_pattern(part, loops)
+        position = torch.empty_like(self.found.order)
+        position[self.found.order] = torch.arange(part.n_inner)
+        groups = [position[torch.tensor(island)].tolist() for island in self.found.islands]
+        capacity = part.n_inner // 4 if self.capacity is None else self.capacity
+        hierarchy = merge_shared_pairs(indptr, indices, groups, capacity)
+        plain = plain_additions(indptr)
+        pruned = 1 - hierarchy.additions() / plain if plain else 0.0
+        keep = self.redundancy == "on" or pruned >= AUTO_PRUNED
+        self.pruned[kind] = pruned if keep else 0.0
+        self.preprocess_s += time.perf_counter() - start
+        if not keep:
+            return None
+        degree = part.in_degree[: part.n_inner].to(device, torch.float64)
+        if loops:
+            row = col = (degree + 1).rsqrt()
+        else:  # mean: 1 / d_i, 0 for a row without neighbours
+            row = torch.where(degree > 0, 1 / degree.clamp(min=1), 0.0)
+            col = torch.ones_like(degree)
+        return RedundancyFreeOperator(hierarchy, row.to(dtype), col.to(dtype), loops)
+
+    def on_model(self, model: nn.Module) -> None:
+        self.attention = bool(getattr(model, "attention", False))
+
+    def _redundancy_state(self) -> str:
+        if self.attention:
+            return "off: attention learns its edge weights, islands reorder only"
+        if self.redundancy == "off":
+            return "off"
+        if any(self.pruned.values()):
+            return "on"
+        return f"off: prunes under {AUTO_PRUNED:.0%}" if self.pruned else "unused"
 
     def report(self) -> dict:
         found = self.found
+        pruned = list(self.pruned.values())
         return {
             "islands": len(found.islands) if found else 0,
             "hubs": len(found.hubs) if found else 0,
-            "pruned_fraction": 0.0,
+            "pruned_fraction": 0.0 if self.attention or not pruned else sum(pruned) / len(pruned),
+            "redundancy": self._redundancy_state(),
             "preprocess_s": self.preprocess_s,
             "rank": self.rank,  # islands and hubs are this rank's
         }
+
+
+class _Deferred:
+    """The inner operator of one kind, built on its first product (a model uses one kind:
+    GCN's or the mean's), falling back to the block where the structure does not pay."""
+
+    def __init__(self, hook: IslandHook, kind: str, block: CSR) -> None:
+        self.hook, self.kind, self.block = hook, kind, block
+        self.built: RedundancyFreeOperator | None = None
+        self.ready = False
+
+    def _operator(self, x: Tensor) -> RedundancyFreeOperator | None:
+        if not self.ready:
+            self.built = self.hook.operator(self.kind, x.dtype, x.device)
+            self.ready = True
+        return self.built
+
+    @property
+    def self_loops(self) -> bool:
+        return self.built is not None and self.built.self_loops
+
+    def __call__(self, x: Tensor) -> Tensor:
+        built = self._operator(x)
+        return spmm(self.block, x) if built is None else built(x)
+
+    def transposed(self, g: Tensor) -> Tensor:
+        built = self._operator(g)
+        return spmm(self.block.transpose(), g) if built is None else built.transposed(g)
+
+
+def inner_pattern(part: Partition, self_loops: bool = False) -> tuple[Tensor, Tensor]:
+    """The 0/1 inner block of ``part`` (indptr, indices), with the diagonal if asked,
+    each row's columns ascending."""
+    n = part.n_inner
+    rows = torch.repeat_interleave(torch.arange(n), part.indptr.diff())
+    inner = part.indices < n
+    rows, columns = rows[inner], part.indices[inner]
+    if self_loops:
+        rows, columns = torch.cat([rows, torch.arange(n)]), torch.cat([columns, torch.arange(n)])
+    order = torch.argsort(rows * n + columns)
+    counts = torch.bincount(rows, minlength=n)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), columns[order]

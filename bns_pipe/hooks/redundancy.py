@@ -1,0 +1,164 @@
+"""Redundancy-free aggregation (HAG, Jia et al., KDD 2020) within islands, exact.
+
+A plain aggregation sums, for every destination i, its neighbours' rows: deg_i - 1 additions.
+When several destinations share a pair of sources {u, v}, the sum u + v can be computed once
+as an *aggregation node* and used by all of them. Greedy (HAG's): in each group of
+destinations (an island), take the pair shared by the most covers, make it a node (or reuse
+the node an earlier group made for the same pair), put it in place of u and v in every cover
+holding both, and repeat while a pair is shared by at least two covers and fewer than
+``capacity`` nodes exist. Aggregation nodes may combine earlier ones (a hierarchy). Every
+cover's leaves stay exactly the destination's neighbour set.
+
+For A = diag(r) · S · diag(c) (S the 0/1 pattern; GCN: S with its self-loops, r = c =
+(d + 1)^-1/2, so that the sum x_i + x_j that both ends of an edge need is shared; mean: r =
+1/d, c = 1) the product is exact up to float summation order:
+
+    z = c ⊙ x;  T = [z; aggregates, level by level];  A x = r ⊙ (C T)
+
+with C the 0/1 cover matrix (n, n + m); the transpose runs Cᵀ, then the levels in reverse,
+each aggregate's gradient added to its two inputs. Additions: m + Σ_i (|cover_i| - 1).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bns_pipe.sparse import CSR, spmm
+
+__all__ = ["Hierarchy", "RedundancyFreeOperator", "merge_shared_pairs"]
+
+
+@dataclass
+class Hierarchy:
+    """n nodes, m aggregation nodes: ``pairs`` (m, 2) their inputs (ids < n + own index),
+    ``levels`` the aggregates' indices grouped so that each level's inputs come before it,
+    and the covers as a 0/1 CSR (n, n + m)."""
+
+    n: int
+    pairs: Tensor
+    levels: list[Tensor]
+    cover: CSR
+
+    def additions(self) -> int:
+        """Additions of one aggregation with this structure."""
+        sizes = self.cover.indptr.diff()
+        return int(self.pairs.shape[0] + (sizes - 1).clamp(min=0).sum())
+
+
+def plain_additions(indptr: Tensor) -> int:
+    """Additions of the plain aggregation: Σ (deg_i - 1) over rows with neighbours."""
+    return int((indptr.diff() - 1).clamp(min=0).sum())
+
+
+def merge_shared_pairs(
+    indptr: Tensor, indices: Tensor, groups: list[list[int]], capacity: int
+) -> Hierarchy:
+    """The greedy hierarchy of the module docstring for the 0/1 matrix (indptr, indices)
+    (n, n), destinations merged within each group of ``groups`` (rows in no group keep their
+    neighbour lists), at most ``capacity`` aggregation nodes."""
+    n = indptr.numel() - 1
+    ptr, nbr = indptr.tolist(), indices.tolist()
+    covers: list[set[int]] = [set(nbr[ptr[i] : ptr[i + 1]]) for i in range(n)]
+    made: dict[tuple[int, int], int] = {}  # pair → aggregation node id (n + index)
+    pairs: list[tuple[int, int]] = []
+    level: list[int] = []
+    for group in groups:
+        if len(pairs) >= capacity:
+            break
+        _merge_group(covers, group, made, pairs, level, n, capacity)
+    rows, columns = [], []
+    for i, cover in enumerate(covers):
+        rows.extend([i] * len(cover))
+        columns.extend(sorted(cover))
+    cover = CSR.from_coo(
+        torch.tensor(rows, dtype=torch.int64),
+        torch.tensor(columns, dtype=torch.int64),
+        (n, n + len(pairs)),
+    )
+    by_level = torch.tensor(level, dtype=torch.int64)
+    levels = [(by_level == lv).nonzero().flatten() for lv in range(1, max(level, default=0) + 1)]
+    pair_tensor = torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
+    return Hierarchy(n, pair_tensor, levels, cover)
+
+
+def _merge_group(covers, group, made, pairs, level, n, capacity) -> None:
+    """HAG's greedy within one group of destinations, with a lazily updated max-heap of
+    pair counts; ``made``, ``pairs`` and ``level`` grow in place."""
+    holders: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for dest in group:
+        members = sorted(covers[dest])
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                holders[members[a], members[b]].add(dest)
+    heap = [(-len(d), pair) for pair, d in holders.items() if len(d) > 1]
+    heapq.heapify(heap)
+    while heap and len(pairs) < capacity:
+        count, pair = heapq.heappop(heap)
+        shared = holders.get(pair, set())
+        if len(shared) != -count:  # stale entry: push its current count back
+            if len(shared) > 1:
+                heapq.heappush(heap, (-len(shared), pair))
+            continue
+        node = made.get(pair)
+        if node is None:
+            node = n + len(pairs)
+            made[pair] = node
+            pairs.append(pair)
+            level.append(1 + max(_level(u, level, n) for u in pair))
+        u, v = pair
+        touched: set[tuple[int, int]] = set()
+        for dest in list(shared):
+            cover = covers[dest]
+            cover.discard(u)
+            cover.discard(v)
+            for w in cover:
+                for old in ((min(u, w), max(u, w)), (min(v, w), max(v, w))):
+                    holders[old].discard(dest)
+                new = (min(w, node), max(w, node))
+                holders[new].add(dest)
+                touched.add(new)
+            cover.add(node)
+        del holders[pair]
+        for new in touched:
+            if len(holders[new]) > 1:
+                heapq.heappush(heap, (-len(holders[new]), new))
+
+
+def _level(node: int, level: list[int], n: int) -> int:
+    return 0 if node < n else level[node - n]
+
+
+class RedundancyFreeOperator:
+    """``A x`` and ``Aᵀ g`` for A = diag(r) S diag(c) through a :class:`Hierarchy`: r, c (n,)."""
+
+    def __init__(
+        self, hierarchy: Hierarchy, row_scale: Tensor, col_scale: Tensor, self_loops: bool
+    ) -> None:
+        device = row_scale.device
+        self.self_loops = self_loops
+        self.n = hierarchy.n
+        self.inputs = hierarchy.pairs.to(device)
+        self.levels = [lv.to(device) for lv in hierarchy.levels]
+        self.cover = hierarchy.cover.to(device)
+        self.row_scale, self.col_scale = row_scale.unsqueeze(1), col_scale.unsqueeze(1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        table = x.new_empty(self.n + self.inputs.shape[0], x.shape[1])
+        table[: self.n] = x * self.col_scale
+        for members in self.levels:
+            u, v = self.inputs[members, 0], self.inputs[members, 1]
+            table[self.n + members] = table[u] + table[v]
+        return spmm(self.cover, table) * self.row_scale
+
+    def transposed(self, g: Tensor) -> Tensor:
+        table = spmm(self.cover.transpose(), g * self.row_scale)
+        for members in reversed(self.levels):
+            grad = table[self.n + members]
+            table.index_add_(0, self.inputs[members, 0], grad)
+            table.index_add_(0, self.inputs[members, 1], grad)
+        return table[: self.n] * self.col_scale
