@@ -21,7 +21,8 @@ computes the same (to float summation order). Deterministic: no randomness invol
 
 Redundancy (``redundancy=auto|on|off``, ``capacity=auto|N``): the inner aggregation of the
 kind the model uses runs through :mod:`bns_pipe.hooks.redundancy`, the neighbour pairs shared
-within each island summed once (at most ``capacity`` aggregation nodes, auto: n_inner / 4);
+within each island (and among the hubs) summed once (at most ``capacity`` aggregation nodes,
+auto: n_inner, so the table of rows grows at most twofold);
 ``auto`` keeps the plain product where that removes under 10% of the additions. The halo
 block keeps its path, so BNS and the pipeline work unchanged. Built on the first product.
 
@@ -188,8 +189,9 @@ class IslandHook(LayerHook):
         indptr, indices = inner_pattern(part, loops)
         position = torch.empty_like(self.found.order)
         position[self.found.order] = torch.arange(part.n_inner)
-        groups = [position[torch.tensor(island)].tolist() for island in self.found.islands]
-        capacity = part.n_inner // 4 if self.capacity is None else self.capacity
+        found = [*self.found.islands, self.found.hubs]
+        groups = [position[torch.tensor(group, dtype=torch.int64)].tolist() for group in found]
+        capacity = part.n_inner if self.capacity is None else self.capacity
         hierarchy = merge_shared_pairs(indptr, indices, groups, capacity)
         plain = plain_additions(indptr)
         pruned = 1 - hierarchy.additions() / plain if plain else 0.0

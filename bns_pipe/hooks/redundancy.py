@@ -59,18 +59,54 @@ def merge_shared_pairs(
     indptr: Tensor, indices: Tensor, groups: list[list[int]], capacity: int
 ) -> Hierarchy:
     """The greedy hierarchy of the module docstring for the 0/1 matrix (indptr, indices)
-    (n, n), destinations merged within each group of ``groups`` (rows in no group keep their
-    neighbour lists), at most ``capacity`` aggregation nodes."""
+    (n, n): pairs are counted within each group of ``groups`` (rows in no group keep their
+    neighbour lists), the most shared one across all groups merged first, at most
+    ``capacity`` aggregation nodes (a pair merged in one group is reused in the others)."""
     n = indptr.numel() - 1
     ptr, nbr = indptr.tolist(), indices.tolist()
     covers: list[set[int]] = [set(nbr[ptr[i] : ptr[i + 1]]) for i in range(n)]
+    holders: dict[tuple[int, int, int], set[int]] = defaultdict(set)  # (group, u, v) → rows
+    for g, group in enumerate(groups):
+        for dest in group:
+            members = sorted(covers[dest])
+            for a in range(len(members)):
+                for b in range(a + 1, len(members)):
+                    holders[g, members[a], members[b]].add(dest)
+    heap = [(-len(rows), key) for key, rows in holders.items() if len(rows) > 1]
+    heapq.heapify(heap)
     made: dict[tuple[int, int], int] = {}  # pair → aggregation node id (n + index)
     pairs: list[tuple[int, int]] = []
     level: list[int] = []
-    for group in groups:
-        if len(pairs) >= capacity:
-            break
-        _merge_group(covers, group, made, pairs, level, n, capacity)
+    while heap:
+        count, key = heapq.heappop(heap)
+        shared = holders.get(key, set())
+        if len(shared) != -count:  # stale entry: push its current count back
+            if len(shared) > 1:
+                heapq.heappush(heap, (-len(shared), key))
+            continue
+        g, u, v = key
+        node = made.get((u, v))
+        if node is None:
+            if len(pairs) >= capacity:
+                continue
+            node = made[u, v] = n + len(pairs)
+            pairs.append((u, v))
+            level.append(1 + max(_level(u, level, n), _level(v, level, n)))
+        touched = set()
+        for dest in shared:
+            cover = covers[dest]
+            cover -= {u, v}
+            for w in cover:
+                holders[(g, *sorted((u, w)))].discard(dest)
+                holders[(g, *sorted((v, w)))].discard(dest)
+                new = (g, *sorted((w, node)))
+                holders[new].add(dest)
+                touched.add(new)
+            cover.add(node)
+        del holders[key]
+        for new in touched:
+            if len(holders[new]) > 1:
+                heapq.heappush(heap, (-len(holders[new]), new))
     rows, columns = [], []
     for i, cover in enumerate(covers):
         rows.extend([i] * len(cover))
@@ -84,49 +120,6 @@ def merge_shared_pairs(
     levels = [(by_level == lv).nonzero().flatten() for lv in range(1, max(level, default=0) + 1)]
     pair_tensor = torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
     return Hierarchy(n, pair_tensor, levels, cover)
-
-
-def _merge_group(covers, group, made, pairs, level, n, capacity) -> None:
-    """HAG's greedy within one group of destinations, with a lazily updated max-heap of
-    pair counts; ``made``, ``pairs`` and ``level`` grow in place."""
-    holders: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for dest in group:
-        members = sorted(covers[dest])
-        for a in range(len(members)):
-            for b in range(a + 1, len(members)):
-                holders[members[a], members[b]].add(dest)
-    heap = [(-len(d), pair) for pair, d in holders.items() if len(d) > 1]
-    heapq.heapify(heap)
-    while heap and len(pairs) < capacity:
-        count, pair = heapq.heappop(heap)
-        shared = holders.get(pair, set())
-        if len(shared) != -count:  # stale entry: push its current count back
-            if len(shared) > 1:
-                heapq.heappush(heap, (-len(shared), pair))
-            continue
-        node = made.get(pair)
-        if node is None:
-            node = n + len(pairs)
-            made[pair] = node
-            pairs.append(pair)
-            level.append(1 + max(_level(u, level, n) for u in pair))
-        u, v = pair
-        touched: set[tuple[int, int]] = set()
-        for dest in list(shared):
-            cover = covers[dest]
-            cover.discard(u)
-            cover.discard(v)
-            for w in cover:
-                for old in ((min(u, w), max(u, w)), (min(v, w), max(v, w))):
-                    holders[old].discard(dest)
-                new = (min(w, node), max(w, node))
-                holders[new].add(dest)
-                touched.add(new)
-            cover.add(node)
-        del holders[pair]
-        for new in touched:
-            if len(holders[new]) > 1:
-                heapq.heappush(heap, (-len(holders[new]), new))
 
 
 def _level(node: int, level: list[int], n: int) -> int:
