@@ -95,6 +95,39 @@ def test_islands_are_found_in_a_path_and_a_star() -> None:
 ISLANDS = "island:max_island=4,redundancy=on"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_aggregation_nodes_in_cpp_equal_the_fallback(monkeypatch, dtype) -> None:
+    """``csrc/hag.cpp`` (column blocks per thread, aggregates in creation order) and the
+    level-by-level PyTorch fallback give the same product and transpose, bit for bit in
+    float64 (the same additions), and both equal the dense matrix's."""
+    from bns_pipe import _ext
+    from bns_pipe.hooks.redundancy import RedundancyFreeOperator, merge_shared_pairs
+
+    if not _ext.available():
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(3)
+    n = 120
+    dense = (torch.rand(n, n, generator=gen) < 0.15).to(torch.int64)
+    dense = ((dense + dense.T + torch.eye(n, dtype=torch.int64)) > 0).to(torch.int64)
+    columns = dense.nonzero()[:, 1]
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), dense.sum(1).cumsum(0)])
+    groups = [list(range(i, min(i + 30, n))) for i in range(0, n, 30)]
+    hierarchy = merge_shared_pairs(indptr, columns, groups, n)
+    assert len(hierarchy.levels) > 1  # aggregates of aggregates
+    row = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
+    col = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
+    operator = RedundancyFreeOperator(hierarchy, row, col, self_loops=True)
+    x = torch.randn(n, 37, generator=gen, dtype=torch.float64).to(dtype)
+    native = operator(x), operator.transposed(x)
+    monkeypatch.setattr(_ext, "available", lambda: False)
+    fallback = operator(x), operator.transposed(x)
+    matrix = row[:, None] * dense.to(dtype) * col[None, :]
+    for got, expected, exact in zip(native, (matrix @ x, matrix.T @ x), fallback, strict=True):
+        torch.testing.assert_close(got, expected)
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, exact, rtol=1e-15, atol=1e-15)
+
+
 def test_shared_pairs_are_summed_once_and_covers_stay_the_neighbour_sets(parts: Path) -> None:
     """A triangle with self-loops: one pair, then the pair and the third node, serve all
     three rows: 2 additions instead of 6. On a renumbered part: every cover's leaves are
@@ -132,7 +165,29 @@ def test_shared_pairs_are_summed_once_and_covers_stay_the_neighbour_sets(parts: 
         torch.testing.assert_close(hooked.result[1], plain.result[1], rtol=1e-12, atol=1e-14)
     assert hooked.inner["gcn"].self_loops and not hooked.inner["mean"].self_loops
     report = hook.report()
-    assert report["redundancy"] == "on" and 0 < report["pruned_fraction"] < 1
+    assert report["redundancy"] == "gcn on; mean on" and 0 < report["pruned_fraction"] < 1
+
+
+def test_auto_keeps_the_plain_product_where_the_structure_does_not_pay(parts: Path) -> None:
+    """``redundancy=auto`` times both products on the first input and says which it uses and
+    why; where it keeps the plain one, nothing counts as pruned and the product is the
+    block's."""
+    from bns_pipe.graph import LocalGraph
+
+    hook = IslandHook(redundancy="auto")
+    part = hook.on_graph(load_partition(parts, 0))
+    graph = LocalGraph(part, dtype=torch.float64, hooks=[hook])
+    x = torch.randn(part.n_inner, 8, dtype=torch.float64)
+    out = graph.aggregate(x, "gcn", 0)
+    report = hook.report()
+    state = report["redundancy"]
+    assert state.startswith("gcn ") and "mean" not in state  # only the kind in use is built
+    if state == "gcn on":
+        assert report["pruned_fraction"] > 0.1
+    else:
+        assert state.startswith("gcn off: ") and report["pruned_fraction"] == 0.0
+        assert not graph.inner["gcn"].self_loops
+    torch.testing.assert_close(out, LocalGraph(part, dtype=torch.float64).aggregate(x, "gcn", 0))
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

@@ -17,14 +17,15 @@ The new order is hub by hub: each hub, then the islands grown from it, each in s
 renumbering is local: the inner rows and columns of the CSR, the features, labels, masks,
 degrees and global ids move with their nodes; ``send_ids`` keep their order with new values,
 so the halo order and every peer are unchanged. Dropout is keyed by global id, so training
-computes the same (to float summation order). Deterministic: no randomness involved.
+computes the same (to float summation order). Islands and order are deterministic.
 
 Redundancy (``redundancy=auto|on|off``, ``capacity=auto|N``): the inner aggregation of the
 kind the model uses runs through :mod:`bns_pipe.hooks.redundancy`, the neighbour pairs shared
 within each island (and among the hubs) summed once (at most ``capacity`` aggregation nodes,
-auto: n_inner, so the table of rows grows at most twofold);
-``auto`` keeps the plain product where that removes under 10% of the additions. The halo
-block keeps its path, so BNS and the pipeline work unchanged. Built on the first product.
+auto: n_inner, so the table of rows grows at most twofold); ``auto`` keeps the plain product
+where that removes under 10% of the additions or where a timed product on the first input
+is not faster (on CPUs so far it is not: the report says so). The halo block keeps its
+path, so BNS and the pipeline work unchanged. Built on the first product.
 
 Report: ``islands``, ``hubs`` (this rank's), ``pruned_fraction`` = 1 - additions performed /
 additions of the plain inner aggregation (GCN's with its self-loop term; 0 where redundancy
@@ -166,6 +167,7 @@ class IslandHook(LayerHook):
         self.found: Islands | None = None
         self.part: Partition | None = None
         self.pruned: dict[str, float] = {}  # per aggregation kind in use
+        self.states: dict[str, str] = {}  # per kind: "on" or why not
         self.attention = False
         self.preprocess_s, self.rank = 0.0, 0
 
@@ -181,9 +183,10 @@ class IslandHook(LayerHook):
     def inner_operator(self, kind: str, block: CSR) -> InnerOperator | None:
         return None if self.redundancy == "off" else _Deferred(self, kind, block)
 
-    def operator(self, kind: str, dtype: torch.dtype, device) -> RedundancyFreeOperator | None:
-        """The redundancy-free product of ``kind`` over the renumbered inner block, islands
-        as groups, or None where ``redundancy=auto`` finds it prunes too little."""
+    def operator(self, kind: str, block: CSR, x: Tensor) -> RedundancyFreeOperator | None:
+        """The redundancy-free product of ``kind`` over the renumbered inner block (islands
+        and hubs as groups), or None where ``redundancy=auto`` finds that it prunes under
+        10% of the additions or runs slower than the plain product on ``x``."""
         start = time.perf_counter()
         part, loops = self.part, kind == "gcn"
         indptr, indices = inner_pattern(part, loops)
@@ -195,18 +198,28 @@ class IslandHook(LayerHook):
         hierarchy = merge_shared_pairs(indptr, indices, groups, capacity)
         plain = plain_additions(indptr)
         pruned = 1 - hierarchy.additions() / plain if plain else 0.0
-        keep = self.redundancy == "on" or pruned >= AUTO_PRUNED
-        self.pruned[kind] = pruned if keep else 0.0
-        self.preprocess_s += time.perf_counter() - start
-        if not keep:
-            return None
-        degree = part.in_degree[: part.n_inner].to(device, torch.float64)
+        degree = part.in_degree[: part.n_inner].to(x.device, torch.float64)
         if loops:
             row = col = (degree + 1).rsqrt()
         else:  # mean: 1 / d_i, 0 for a row without neighbours
             row = torch.where(degree > 0, 1 / degree.clamp(min=1), 0.0)
             col = torch.ones_like(degree)
-        return RedundancyFreeOperator(hierarchy, row.to(dtype), col.to(dtype), loops)
+        built = RedundancyFreeOperator(hierarchy, row.to(x.dtype), col.to(x.dtype), loops)
+        self.pruned[kind], self.states[kind] = pruned, "on"
+        if self.redundancy == "auto" and pruned < AUTO_PRUNED:
+            self.states[kind] = f"off: prunes {pruned:.0%} of the additions"
+        elif self.redundancy == "auto":
+            plain_s = _seconds(lambda: spmm(block, x).add_(x) if loops else spmm(block, x))
+            built_s = _seconds(lambda: built(x))
+            if built_s >= plain_s:
+                self.states[kind] = (
+                    f"off: {built_s * 1e3:.3g} ms a product against {plain_s * 1e3:.3g} ms plain"
+                )
+        self.preprocess_s += time.perf_counter() - start
+        if self.states[kind] != "on":
+            self.pruned[kind] = 0.0
+            return None
+        return built
 
     def on_model(self, model: nn.Module) -> None:
         self.attention = bool(getattr(model, "attention", False))
@@ -216,9 +229,7 @@ class IslandHook(LayerHook):
             return "off: attention learns its edge weights, islands reorder only"
         if self.redundancy == "off":
             return "off"
-        if any(self.pruned.values()):
-            return "on"
-        return f"off: prunes under {AUTO_PRUNED:.0%}" if self.pruned else "unused"
+        return "; ".join(f"{kind} {state}" for kind, state in self.states.items()) or "unused"
 
     def report(self) -> dict:
         found = self.found
@@ -233,6 +244,17 @@ class IslandHook(LayerHook):
         }
 
 
+def _seconds(product, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` timed calls of ``product`` (after one untimed)."""
+    product()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 class _Deferred:
     """The inner operator of one kind, built on its first product (a model uses one kind:
     GCN's or the mean's), falling back to the block where the structure does not pay."""
@@ -244,7 +266,7 @@ class _Deferred:
 
     def _operator(self, x: Tensor) -> RedundancyFreeOperator | None:
         if not self.ready:
-            self.built = self.hook.operator(self.kind, x.dtype, x.device)
+            self.built = self.hook.operator(self.kind, self.block, x)
             self.ready = True
         return self.built
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bns_pipe import _ext
 from bns_pipe.sparse import CSR, spmm
 
 __all__ = ["Hierarchy", "RedundancyFreeOperator", "merge_shared_pairs"]
@@ -142,16 +143,27 @@ class RedundancyFreeOperator:
 
     def __call__(self, x: Tensor) -> Tensor:
         table = x.new_empty(self.n + self.inputs.shape[0], x.shape[1])
-        table[: self.n] = x * self.col_scale
-        for members in self.levels:
-            u, v = self.inputs[members, 0], self.inputs[members, 1]
-            table[self.n + members] = table[u] + table[v]
-        return spmm(self.cover, table) * self.row_scale
+        torch.mul(x, self.col_scale, out=table[: self.n])
+        if _native(table):
+            _ext.ops().pair_sums_(table, self.inputs, self.n)
+        else:
+            for members in self.levels:
+                u, v = self.inputs[members, 0], self.inputs[members, 1]
+                table[self.n + members] = table[u] + table[v]
+        return spmm(self.cover, table).mul_(self.row_scale)
 
     def transposed(self, g: Tensor) -> Tensor:
         table = spmm(self.cover.transpose(), g * self.row_scale)
-        for members in reversed(self.levels):
-            grad = table[self.n + members]
-            table.index_add_(0, self.inputs[members, 0], grad)
-            table.index_add_(0, self.inputs[members, 1], grad)
+        if _native(table):
+            _ext.ops().pair_sums_backward_(table, self.inputs, self.n)
+        else:
+            for members in reversed(self.levels):
+                grad = table[self.n + members]
+                table.index_add_(0, self.inputs[members, 0], grad)
+                table.index_add_(0, self.inputs[members, 1], grad)
         return table[: self.n] * self.col_scale
+
+
+def _native(table: Tensor) -> bool:
+    """The C++ op runs the aggregation nodes (``csrc/hag.cpp``; a CPU kernel only)."""
+    return table.device.type == "cpu" and _ext.available()
