@@ -97,7 +97,8 @@ ISLANDS = "island:max_island=4,redundancy=on"
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_aggregation_nodes_in_cpp_equal_the_fallback(monkeypatch, dtype) -> None:
-    """``csrc/hag.cpp`` (column blocks per thread, aggregates in creation order) and the
+    """``csrc/hag_build.cpp`` makes the fallback's hierarchy (also when the capacity cuts it
+    short); ``csrc/hag.cpp`` (column blocks per thread, aggregates in creation order) and the
     level-by-level PyTorch fallback give the same product and transpose, bit for bit in
     float64 (the same additions), and both equal the dense matrix's."""
     from bns_pipe import _ext
@@ -114,6 +115,16 @@ def test_aggregation_nodes_in_cpp_equal_the_fallback(monkeypatch, dtype) -> None
     groups = [list(range(i, min(i + 30, n))) for i in range(0, n, 30)]
     hierarchy = merge_shared_pairs(indptr, columns, groups, n)
     assert len(hierarchy.levels) > 1  # aggregates of aggregates
+    for capacity in (n, 40):  # the greedy in C++ makes the fallback's hierarchy
+        native = merge_shared_pairs(indptr, columns, groups, capacity)
+        with monkeypatch.context() as patch:
+            patch.setattr(_ext, "available", lambda: False)
+            fallback = merge_shared_pairs(indptr, columns, groups, capacity)
+        assert torch.equal(native.pairs, fallback.pairs)
+        assert torch.equal(native.cover.indptr, fallback.cover.indptr)
+        assert torch.equal(native.cover.indices, fallback.cover.indices)
+        assert len(native.levels) == len(fallback.levels)
+    assert native.pairs.shape[0] == 40
     row = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
     col = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
     operator = RedundancyFreeOperator(hierarchy, row, col, self_loops=True)

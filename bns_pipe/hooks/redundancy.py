@@ -61,8 +61,29 @@ def merge_shared_pairs(
 ) -> Hierarchy:
     """The greedy hierarchy of the module docstring for the 0/1 matrix (indptr, indices)
     (n, n): pairs are counted within each group of ``groups`` (rows in no group keep their
-    neighbour lists), the most shared one across all groups merged first, at most
-    ``capacity`` aggregation nodes (a pair merged in one group is reused in the others)."""
+    neighbour lists), the most shared one across all groups merged first (ties: the smallest
+    (group, u, v)), at most ``capacity`` aggregation nodes (a pair merged in one group is
+    reused in the others). The C++ op (``csrc/hag_build.cpp``) and the fallback below make
+    the same hierarchy."""
+    if _ext.available():
+        sizes = torch.tensor([len(group) for group in groups], dtype=torch.int64)
+        group_ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        rows = torch.tensor([row for group in groups for row in group], dtype=torch.int64)
+        built = _ext.ops().merge_shared_pairs(indptr, indices, group_ptr, rows, capacity)
+    else:
+        built = _merge(indptr, indices, groups, capacity)
+    pairs, level, cover_ptr, cover_indices = built
+    n = indptr.numel() - 1
+    cover = CSR(cover_ptr, cover_indices, None, n + pairs.shape[0])
+    top = int(level.max()) if level.numel() else 0
+    levels = [(level == lv).nonzero().flatten() for lv in range(1, top + 1)]
+    return Hierarchy(n, pairs, levels, cover)
+
+
+def _merge(
+    indptr: Tensor, indices: Tensor, groups: list[list[int]], capacity: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pure-PyTorch greedy: (pairs (m, 2), level (m,), cover indptr, cover indices)."""
     n = indptr.numel() - 1
     ptr, nbr = indptr.tolist(), indices.tolist()
     covers: list[set[int]] = [set(nbr[ptr[i] : ptr[i + 1]]) for i in range(n)]
@@ -108,19 +129,15 @@ def merge_shared_pairs(
         for new in touched:
             if len(holders[new]) > 1:
                 heapq.heappush(heap, (-len(holders[new]), new))
-    rows, columns = [], []
-    for i, cover in enumerate(covers):
-        rows.extend([i] * len(cover))
-        columns.extend(sorted(cover))
-    cover = CSR.from_coo(
-        torch.tensor(rows, dtype=torch.int64),
+    sizes = torch.tensor([len(cover) for cover in covers], dtype=torch.int64)
+    cover_ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    columns = [column for cover in covers for column in sorted(cover)]
+    return (
+        torch.tensor(pairs, dtype=torch.int64).view(-1, 2),
+        torch.tensor(level, dtype=torch.int64),
+        cover_ptr,
         torch.tensor(columns, dtype=torch.int64),
-        (n, n + len(pairs)),
     )
-    by_level = torch.tensor(level, dtype=torch.int64)
-    levels = [(by_level == lv).nonzero().flatten() for lv in range(1, max(level, default=0) + 1)]
-    pair_tensor = torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
-    return Hierarchy(n, pair_tensor, levels, cover)
 
 
 def _level(node: int, level: list[int], n: int) -> int:
