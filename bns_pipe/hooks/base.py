@@ -107,9 +107,12 @@ class InnerOperator(Protocol):
 
 
 class LayerHook:
-    """Base class: every point is the identity; ``name`` is the registry name."""
+    """Base class: every point is the identity; ``name`` is the registry name;
+    ``at_inference``: the hook changes inference beyond the weights a checkpoint saves, so
+    evaluating a checkpoint runs it again (with its saved state)."""
 
     name = ""
+    at_inference = False
 
     def on_graph(self, part: Partition) -> Partition:
         return part

@@ -15,7 +15,9 @@ al., 2022: precisions learned with the task and moving over training, under a co
   bits, which pulls the widths down where the task allows.
 
 β and α are parameters of the parametrization modules, so they are replicated, all-reduced
-and checkpointed like the weights. The final report gives ``bits_per_layer`` (one weight
+and checkpointed like the weights; ``bns-pipe eval`` of a checkpoint runs the hook again
+(inputs quantized with the saved clips; ``load_model`` and compressed files hold the
+quantized weights only). The final report gives ``bits_per_layer`` (one weight
 width per conv layer, rounded up as deployed), their weighted mean, the ratio 32 / mean, and
 the widths per epoch (``bits_history``).
 """
@@ -108,6 +110,7 @@ def _input_hook(precision: _Precision):
 
 class LDPHook(LayerHook):
     name = "ldp"
+    at_inference = True  # the layer inputs are quantized with the learned clips
 
     def __init__(
         self, min_bits: str = "2", max_bits: str = "8", cost: str = "0.05", init: str = "6"

@@ -118,6 +118,8 @@ def elastic_defaults(config: TrainConfig, rank: int, world: int, local_world: in
 
 def evaluate_checkpoint(checkpoint_path: str, config: TrainConfig) -> dict[str, float]:
     """Evaluate a saved model on ``config.partition_dir`` as one rank (any world size)."""
+    from bns_pipe.hooks import build_hook
+    from bns_pipe.hooks.weights import load_plain_state_dict
     from bns_pipe.train.checkpoint import read_model_file
     from bns_pipe.train.distributed import init_distributed, shutdown
     from bns_pipe.train.trainer import Trainer
@@ -137,14 +139,18 @@ def evaluate_checkpoint(checkpoint_path: str, config: TrainConfig) -> dict[str, 
             "resume": False,
             "checkpoint_dir": None,
             "metrics_jsonl": None,
-            "hook": [],  # the saved weights are the ones the model computed with
+            # the saved weights are the ones the model computed with; a hook that also
+            # changes inference beyond them (LDP's input quantization) runs again
+            "hook": [spec for spec in saved.get("hook", []) if build_hook(spec).at_inference],
         }
     )
     ctx = init_distributed(config.backend, config.device, config.threads_per_rank, config.timeout)
     try:
         trainer = Trainer(model_config, ctx)
         try:
-            trainer.model.load_state_dict(blob["model"])
+            keys = trainer.model.state_dict().keys()
+            own = {k: v for k, v in blob.get("hook_state", {}).items() if k in keys}
+            load_plain_state_dict(trainer.model, blob["model"], own)
         except RuntimeError as exc:
             raise BnsPipeError(
                 f"checkpoint {checkpoint_path} does not fit this graph's model: "
