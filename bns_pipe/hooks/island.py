@@ -1,5 +1,5 @@
-"""Islandization: ``--hook island[:hub_degree=auto,max_island=64]`` (I-GCN, Geng et al.,
-MICRO 2021, in software).
+"""Islandization: ``--hook island[:hub_degree=auto,max_island=64,redundancy=auto,
+capacity=auto]`` (I-GCN, Geng et al., MICRO 2021, in software).
 
 At load, each rank splits its inner block (the graph among its own nodes) into *hubs* and
 *islands* and renumbers its inner nodes island-major, so that the rows a layer aggregates
