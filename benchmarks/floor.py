@@ -39,6 +39,7 @@ from benchmarks.train import (  # noqa: E402
 )
 from bns_pipe.data import load_dataset  # noqa: E402
 from bns_pipe.graph import LocalGraph  # noqa: E402
+from bns_pipe.memory import keep_freed_memory  # noqa: E402
 from bns_pipe.partition import load_partition, partition  # noqa: E402
 
 # op name → the floor part it belongs to; anything unlisted is "other"
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the trainer does, before the floor is measured
     machine = describe()
     graph = {
         "num_nodes": args.num_nodes,

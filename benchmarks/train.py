@@ -38,6 +38,7 @@ from bns_pipe.bench.pyg_run import PygModel  # noqa: E402
 from bns_pipe.bench.suite import read_run, run_checked, summarise  # noqa: E402
 from bns_pipe.data import load_dataset  # noqa: E402
 from bns_pipe.graph import LocalGraph  # noqa: E402
+from bns_pipe.memory import keep_freed_memory  # noqa: E402
 from bns_pipe.partition import load_partition, partition  # noqa: E402
 from bns_pipe.sparse import CSR, spmm  # noqa: E402
 from bns_pipe.train.config import TrainConfig  # noqa: E402
@@ -253,12 +254,14 @@ def main() -> None:
     args = parser.parse_args()
     warmup = 2
     info = describe()
+    cpu_cache = keep_freed_memory()  # ours and PyG alike: the same allocator for both
     graph, data = synthetic_graph(args)
     results: dict = {
         "machine": info,
         "graph": graph,
         "model": {"layers": LAYERS, "hidden": HIDDEN, "dropout": DROPOUT},
         "threads": torch.get_num_threads(),
+        "cpu_cache": cpu_cache,
     }
 
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "counter_hash.h"
+#include "keep_flags.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -26,6 +27,16 @@
 #include <type_traits>
 
 namespace bns_pipe {
+
+#if defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void keep_flags(uint64_t key, uint64_t first, int64_t n, int64_t threshold, uint8_t* keep) {
+  for (int64_t j = 0; j < n; ++j) {
+    keep[j] = bits(key, first + static_cast<uint64_t>(j)) >= threshold;
+  }
+}
+
 namespace {
 
 // Elements below which a range runs serially.
@@ -103,11 +114,15 @@ at::Tensor keyed_dropout_rows_cpu(const at::Tensor& x, int64_t key, const at::Te
         at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
             const uint64_t base = static_cast<uint64_t>(row[r]) * static_cast<uint64_t>(n_cols);
-            const scalar_t* xr = src + r * n_cols;
-            scalar_t* yr = dst + r * n_cols;
-            for (int64_t j = 0; j < n_cols; ++j) {
-              const bool keep = bits(k, base + static_cast<uint64_t>(j)) >= threshold;
-              yr[j] = keep_or_zero(static_cast<scalar_t>(xr[j] * s), keep);
+            uint8_t keep[kFlagRun];
+            for (int64_t j0 = 0; j0 < n_cols; j0 += kFlagRun) {
+              const int64_t n = std::min(kFlagRun, n_cols - j0);
+              keep_flags(k, base + static_cast<uint64_t>(j0), n, threshold, keep);
+              const scalar_t* xr = src + r * n_cols + j0;
+              scalar_t* yr = dst + r * n_cols + j0;
+              for (int64_t j = 0; j < n; ++j) {
+                yr[j] = keep_or_zero(static_cast<scalar_t>(xr[j] * s), keep[j]);
+              }
             }
           }
         });

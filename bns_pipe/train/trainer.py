@@ -24,6 +24,7 @@ from bns_pipe.comm.pipeline import HaloPipeline
 from bns_pipe.comm.reducer import GradReducer
 from bns_pipe.errors import BnsPipeError, PartitionError
 from bns_pipe.hooks import ByteCounter, EpochContext, build_hook
+from bns_pipe.memory import keep_freed_memory
 from bns_pipe.nn.features import wants_sparse
 from bns_pipe.nn.model import GNN
 from bns_pipe.partition import Partition, load_partition, manifest_hash, read_manifest
@@ -52,6 +53,7 @@ class Trainer:
     """Builds one rank's share of the job from a partition directory and trains it."""
 
     def __init__(self, config: TrainConfig, ctx: DistContext) -> None:
+        keep_freed_memory()  # epochs reuse warm pages instead of faulting in new ones
         self.config, self.ctx = config, ctx
         manifest = read_manifest(config.partition_dir)
         if manifest["num_parts"] != ctx.world_size:
