@@ -71,11 +71,15 @@ class LocalGraph:
                 full.column_block(0, self.n_inner).to(device),
                 full.column_block(self.n_inner, n_local).to(device),
             )
+        self_weight = 1.0 / (degree[: self.n_inner] + 1)
+        self.self_weight = self_weight.to(device, dtype).unsqueeze(1)
         self.inner: dict[str, InnerOperator] = {}
         for kind, (block, _) in self.blocks.items():
             offered = (hook.inner_operator(kind, block) for hook in hooks)
-            self.inner[kind] = next((op for op in offered if op is not None), CsrOperator(block))
-        self.self_weight = (1.0 / (degree[: self.n_inner] + 1)).to(device, dtype).unsqueeze(1)
+            operator = next((op for op in offered if op is not None), None)
+            if operator is None and kind == "gcn":  # the self-loop term inside the product
+                operator = CsrOperator(block.plus_diagonal(self_weight.to(device)), True)
+            self.inner[kind] = CsrOperator(block) if operator is None else operator
         self.sample: EpochSample | None = None
         self.sampled_blocks: dict[str, CSR] = {}
         self.pattern: tuple[CSR, torch.Tensor] | None = None  # built on first use (GAT)
@@ -178,10 +182,11 @@ class LocalGraph:
 
 
 class CsrOperator:
-    """The inner block as an :class:`~bns_pipe.hooks.InnerOperator` (the default)."""
+    """The inner block as an :class:`~bns_pipe.hooks.InnerOperator` (the default); GCN's
+    includes its self-loop term (``self_loops``), saving two passes over x each way."""
 
-    def __init__(self, block: CSR) -> None:
-        self.block = block
+    def __init__(self, block: CSR, self_loops: bool = False) -> None:
+        self.block, self.self_loops = block, self_loops
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return spmm(self.block, x)

@@ -119,6 +119,18 @@ class CSR:
         """The same sparsity pattern with new ``values`` (``(nnz,)``, or ``None`` for ones)."""
         return CSR(self.indptr, self.indices, values, self.n_cols)
 
+    def plus_diagonal(self, diagonal: Tensor) -> CSR:
+        """``A + diag(diagonal)`` for a square A with values (each row's columns stay
+        ascending; an existing diagonal entry gets a second, added one)."""
+        n = self.n_rows
+        if self.n_cols != n or self.values is None or diagonal.shape != (n,):
+            raise ValueError("plus_diagonal needs a square CSR with values and an (n,) diagonal")
+        ids = torch.arange(n, device=self.device)
+        rows, cols = torch.cat([self.row_ids(), ids]), torch.cat([self.indices, ids])
+        values = torch.cat([self.values, diagonal.to(self.values)])
+        order = torch.argsort(rows * n + cols, stable=True)
+        return CSR.from_coo(rows[order], cols[order], (n, n), values[order])
+
     def scale(self, row: Tensor | None = None, col: Tensor | None = None) -> CSR:
         """``diag(row) · A · diag(col)``, e.g. ``D^-1/2 A D^-1/2`` with ``row = col = deg^-1/2``."""
         if row is None and col is None:

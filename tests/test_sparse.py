@@ -180,6 +180,21 @@ def test_from_coo_keeps_duplicates_and_scale():
     torch.testing.assert_close(spmm(A.with_values(None).scale(row=r), X), r[:, None] * counts)
 
 
+def test_plus_diagonal():
+    gen = torch.Generator().manual_seed(3)
+    A, dense = random_csr((30, 30), 0.2, torch.float64, True, gen)
+    diagonal = torch.randn(30, generator=gen, dtype=torch.float64)
+    B = A.plus_diagonal(diagonal)
+    assert B.nnz == A.nnz + 30
+    for r in range(30):  # every row's columns ascending, the diagonal among them
+        columns = B.indices[B.indptr[r] : B.indptr[r + 1]]
+        assert torch.all(columns[1:] >= columns[:-1]) and r in columns.tolist()
+    X = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(spmm(B, X), (dense + torch.diag(diagonal)) @ X)
+    with pytest.raises(ValueError, match="square"):
+        A.column_block(0, 20).plus_diagonal(diagonal)
+
+
 def test_to_moves_cached_transpose():
     A = CSR.from_dense(torch.eye(3))
     At = A.transpose()

@@ -7,16 +7,27 @@ and shrinks both the sparse product and the halo rows that travel; GAT always tr
 first (attention needs the transformed rows). Sparse input features (a
 :class:`~bns_pipe.sparse.CSR`, see :mod:`bns_pipe.nn.features`) take the weight-first path
 with a sparse ``X Wᵀ``.
+
+Each layer ends by handing its output before the bias, the bias and any second term to
+``epilogue`` (default :func:`~bns_pipe.nn.epilogue.plain`, their sum); the model passes an
+:class:`~bns_pipe.nn.epilogue.Epilogue` that also applies the activation and the next layer's
+dropout in the same pass.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from bns_pipe.graph import LocalGraph
 from bns_pipe.nn.attention import gat_attention
+from bns_pipe.nn.epilogue import plain
 from bns_pipe.sparse import CSR, spmm
+
+# epilogue(h, bias=None, residual=None) -> the layer's output
+Finish = Callable[..., torch.Tensor]
 
 
 def _times_weight_t(x: torch.Tensor | CSR, weight: torch.Tensor) -> torch.Tensor:
@@ -48,12 +59,14 @@ class GCNConv(nn.Module):
         x: torch.Tensor | CSR,
         layer: int,
         aggregated: torch.Tensor | None = None,
+        epilogue: Finish = plain,
     ) -> torch.Tensor:
         if aggregated is not None:
-            return self.lin(aggregated) + self.bias
+            return epilogue(self.lin(aggregated), self.bias)
         if self.lin.out_features < self.lin.in_features:
-            return graph.aggregate(_times_weight_t(x, self.lin.weight), "gcn", layer) + self.bias
-        return self.lin(graph.aggregate(x, "gcn", layer)) + self.bias
+            h = graph.aggregate(_times_weight_t(x, self.lin.weight), "gcn", layer)
+            return epilogue(h, self.bias)
+        return epilogue(self.lin(graph.aggregate(x, "gcn", layer)), self.bias)
 
 
 class SAGEConv(nn.Module):
@@ -79,14 +92,15 @@ class SAGEConv(nn.Module):
         x: torch.Tensor | CSR,
         layer: int,
         aggregated: torch.Tensor | None = None,
+        epilogue: Finish = plain,
     ) -> torch.Tensor:
         root = _times_weight_t(x, self.lin_r.weight)
         if aggregated is not None:
-            return self.lin_l(aggregated) + root
+            return epilogue(self.lin_l(aggregated), None, root)
         if self.lin_l.out_features < self.lin_l.in_features:
             w, b = self.lin_l.weight, self.lin_l.bias
-            return graph.aggregate(_times_weight_t(x, w), "mean", layer) + b + root
-        return self.lin_l(graph.aggregate(x, "mean", layer)) + root
+            return epilogue(graph.aggregate(_times_weight_t(x, w), "mean", layer), b, root)
+        return epilogue(self.lin_l(graph.aggregate(x, "mean", layer)), None, root)
 
 
 class GATConv(nn.Module):
@@ -123,6 +137,7 @@ class GATConv(nn.Module):
         x: torch.Tensor | CSR,
         layer: int,
         aggregated: None = None,
+        epilogue: Finish = plain,
         attention_key: int | None = None,
     ) -> torch.Tensor:
         """``attention_key``: the stream key of this layer's attention dropout (None: off)."""
@@ -141,7 +156,7 @@ class GATConv(nn.Module):
         )
         if not self.concat:
             out = out.view(-1, heads, width).mean(1)
-        return out + self.bias
+        return epilogue(out, self.bias)
 
 
 CONVS: dict[str, tuple[type[nn.Module], str | None]] = {

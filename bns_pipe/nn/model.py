@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bns_pipe.graph import LocalGraph
 from bns_pipe.nn.conv import CONVS
 from bns_pipe.nn.dropout import keyed_dropout, keyed_dropout_csr
+from bns_pipe.nn.epilogue import Epilogue, plain
 from bns_pipe.nn.norm import make_norm
 from bns_pipe.random import stream_key
 from bns_pipe.sparse import CSR
@@ -22,6 +22,8 @@ class GNN(nn.Module):
 
     Dropout precedes every convolution; its mask is keyed by (seed, epoch, layer, global node
     id, feature), so a graph split over any number of ranks sees the same masks as one process.
+    A hidden layer's bias, activation and the next layer's dropout run as one
+    :class:`~bns_pipe.nn.epilogue.Epilogue` (after the norm, when there is one).
     With ``precomputed`` input (``--use-pp``) the first layer's aggregation is given, and
     dropout applies to the aggregated features instead of the raw ones. GAT (``conv="gat"``)
     splits ``hidden`` over ``heads`` concatenated heads, has one head at the output, and drops
@@ -78,22 +80,30 @@ class GNN(nn.Module):
     ) -> torch.Tensor:
         """x (n_inner, in_dim), dense or CSR (:mod:`bns_pipe.nn.features`) → logits
         (n_inner, out_dim)."""
+        x = self._drop(x, stream_key(self.seed, epoch, 0), graph)
         for layer, conv in enumerate(self.convs):
-            key = stream_key(self.seed, epoch, layer)
-            x = self._drop(x, key, graph)
             aggregated = None
             if layer == 0 and precomputed is not None:
                 aggregated = self._drop(precomputed, stream_key(self.seed, epoch, layer, 1), graph)
+            hidden = layer < len(self.norms)
+            finish = self._epilogue(graph, epoch, layer + 1) if hidden else plain
+            normed = hidden and not isinstance(self.norms[layer], nn.Identity)
+            options = {"epilogue": plain if normed else finish}
             if self.attention:
-                attention_key = stream_key(self.seed, epoch, layer, 2)
                 dropping = self.training and self.dropout > 0
-                x = conv(graph, x, layer, attention_key=attention_key if dropping else None)
+                key = stream_key(self.seed, epoch, layer, 2) if dropping else None
+                x = conv(graph, x, layer, attention_key=key, **options)
             else:
-                x = conv(graph, x, layer, aggregated)
-            if layer < len(self.norms):
-                x = self.norms[layer](x)
-                x = F.elu(x) if self.attention else torch.relu(x)
+                x = conv(graph, x, layer, aggregated, **options)
+            if normed:
+                x = finish(self.norms[layer](x))
         return x
+
+    def _epilogue(self, graph: LocalGraph, epoch: int, next_layer: int) -> Epilogue:
+        """A hidden layer's activation, then the dropout that precedes ``next_layer``."""
+        key = stream_key(self.seed, epoch, next_layer)
+        activation = "elu" if self.attention else "relu"
+        return Epilogue(activation, self.dropout, key, graph.global_ids, self.training)
 
     def _drop(self, x: torch.Tensor | CSR, key: int, graph: LocalGraph) -> torch.Tensor | CSR:
         if not self.training or self.dropout == 0:
