@@ -57,6 +57,7 @@ PARTS = {
         "aten::_foreach_addcdiv_", "aten::_foreach_sqrt", "aten::_foreach_div_",
         "aten::_foreach_lerp_", "aten::_foreach_add", "aten::_foreach_sqrt_",
         "bns_pipe::keyed_dropout_rows", "bns_pipe::random_keep_mask",
+        "bns_pipe::layer_epilogue", "bns_pipe::layer_epilogue_backward",
     ),
     "allocation": (
         "aten::empty", "aten::empty_strided", "aten::zeros", "aten::zero_", "aten::fill_",
