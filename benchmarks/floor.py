@@ -7,8 +7,8 @@ synthetic graph. ``torch.profiler`` records ``--epochs`` training steps after a 
 op's *self* time (its own work, not its children's) goes to one of the floor's parts (GEMM,
 sparse products, elementwise passes) or to what the floor does not contain (allocation,
 copies and layout, the rest), and each part is set against the floor's estimate of it
-(``benchmarks/train.py``'s ``floor_epoch_s``). What profiled ops leave of the step's wall time
-is Python, autograd bookkeeping and waiting: "outside ops". Writes ``floor.json`` and
+(``benchmarks/machine_floor.py``'s ``floor_epoch_s``). What profiled ops leave of the step's
+wall time is Python, autograd bookkeeping and waiting: "outside ops". Writes ``floor.json`` and
 ``floor.md``.
 """
 
@@ -30,13 +30,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe, finish  # noqa: E402
 from benchmarks.machine import summary as machine_summary  # noqa: E402
-from benchmarks.train import (  # noqa: E402
+from benchmarks.machine_floor import (  # noqa: E402
     DROPOUT,
     HIDDEN,
     LAYERS,
     floor_epoch_s,
-    one_process_trainer,
+    graph_shape,
 )
+from benchmarks.train import one_process_trainer  # noqa: E402
 from bns_pipe.data import load_dataset  # noqa: E402
 from bns_pipe.graph import LocalGraph  # noqa: E402
 from bns_pipe.memory import keep_freed_memory  # noqa: E402
@@ -174,9 +175,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         part_dir = str(Path(tmp) / "p1")
         partition(data, 1, part_dir, verbose=False)
-        adj = LocalGraph(load_partition(part_dir, 0)).blocks["gcn"][0]
+        shape = graph_shape(data, LocalGraph(load_partition(part_dir, 0)).blocks["gcn"][0])
         for model in ("gcn", "sage"):
-            floor = floor_epoch_s(data.num_nodes, data.x.size(1), 8, model, adj)
+            floor = floor_epoch_s(shape, model)
             models[model] = breakdown(profile_model(part_dir, model, args.epochs), floor)
             print(json.dumps({model: models[model]["parts_s"]}), flush=True)
     result = {

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -34,8 +35,12 @@ import torch
 import torch_geometric
 from torch_geometric.utils import spmm as pyg_spmm
 
-from bns_pipe import _ext
-from bns_pipe.sparse import CSR
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine_floor import timed  # noqa: E402
+from bns_pipe import _ext  # noqa: E402
+from bns_pipe.sparse import CSR  # noqa: E402
 
 warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
 RESULTS = Path(__file__).parent / "results" / "spmm.json"
@@ -65,12 +70,7 @@ def machine() -> dict:
 
 def best_and_median(fn: Callable[[], object], reps: int) -> tuple[float, float]:
     """Seconds: min and median of ``reps`` timed calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = timed(fn, reps, 1)
     return min(times), statistics.median(times)
 
 

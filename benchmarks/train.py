@@ -10,18 +10,22 @@ Side by side in one script, on one synthetic graph (default 100k nodes, average 
 3. ours on 1, 2 and 4 ranks (``bns-pipe train`` subprocesses): epoch time and breakdown.
 
     python benchmarks/train.py [--quick] [--out benchmarks/results/train.json]
+    python benchmarks/train.py --dataset coauthor-cs   # a stored graph ($BNS_PIPE_DATA)
+    python benchmarks/train.py --num-nodes 1000000 --out benchmarks/results/train-1m.json
+
+With sparse input features (bag of words, at most 10 % nonzero) our first layer reads them as
+a CSR (:mod:`bns_pipe.nn.features`), and so does the floor: that layer's ``X Wᵀ`` and ``Xᵀ G``
+count as sparse products measured with the features' own pattern, not as dense GEMMs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,99 +38,31 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe, finish  # noqa: E402
 from benchmarks.machine import summary as machine_summary  # noqa: E402
+from benchmarks.machine_floor import (  # noqa: E402
+    DROPOUT,
+    HIDDEN,
+    LAYERS,
+    floor_epoch_s,
+    graph_shape,
+    timed,
+)
 from bns_pipe.bench.pyg_run import PygModel  # noqa: E402
 from bns_pipe.bench.suite import read_run, run_checked, summarise  # noqa: E402
 from bns_pipe.data import load_dataset  # noqa: E402
 from bns_pipe.graph import LocalGraph  # noqa: E402
 from bns_pipe.memory import keep_freed_memory  # noqa: E402
 from bns_pipe.partition import load_partition, partition  # noqa: E402
-from bns_pipe.sparse import CSR, spmm  # noqa: E402
 from bns_pipe.train.config import TrainConfig  # noqa: E402
 from bns_pipe.train.distributed import init_distributed, shutdown  # noqa: E402
 from bns_pipe.train.trainer import Trainer  # noqa: E402
-
-LAYERS, HIDDEN, DROPOUT = 3, 128, 0.5
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def timed(step, epochs: int, warmup: int) -> list[float]:
-    """Seconds of each of ``epochs`` calls of ``step`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def summary(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
-
-
-# -- the machine floor ---------------------------------------------------------------------
-
-
-def gemm_rate(n: int, k: int, m: int, repeats: int = 10) -> float:
-    """FLOP/s of an (n, k) @ (k, m) float32 product."""
-    a, b = torch.randn(n, k), torch.randn(k, m)
-    t = min(timed(lambda: a @ b, repeats, 2))
-    return 2 * n * k * m / t
-
-
-def bandwidth(numel: int = 1 << 26, repeats: int = 10) -> float:
-    """Bytes/s of ``c = a + b`` on float32 arrays far larger than cache (3 arrays move)."""
-    a, b, c = torch.randn(numel), torch.randn(numel), torch.empty(numel)
-    t = min(timed(lambda: torch.add(a, b, out=c), repeats, 2))
-    return 3 * numel * 4 / t
-
-
-def spmm_time(adj: CSR, width: int, repeats: int = 10) -> float:
-    """Seconds of one CSR product ``A @ X`` at feature width ``width`` (our fastest path)."""
-    x = torch.randn(adj.n_cols, width)
-    return min(timed(lambda: spmm(adj, x), repeats, 2))
-
-
-def floor_epoch_s(n: int, in_dim: int, classes: int, model: str, adj: CSR) -> dict:
-    """The time one training epoch cannot beat on this machine, and its parts.
-
-    GEMMs: forward ``2·n·in·out`` per weight matrix, backward twice that (input and weight
-    gradients; no input gradient for layer 0). Sparse products: one per layer forward, one per
-    layer but the first backward, at the narrower of each layer's widths (as we compute them).
-    Elementwise: about 12 full passes (read + write) of each layer's output per epoch
-    (dropout, bias, self-loop term, ReLU, their backwards and the loss), at the measured
-    bandwidth. Adam and the reductions are small at this size and are left out.
-    """
-    dims = [in_dim] + [HIDDEN] * (LAYERS - 1) + [classes]
-    weights_per_layer = 2 if model == "sage" else 1
-    rate = gemm_rate(n, HIDDEN, HIDDEN)
-    gemm_flops, sparse_s, elementwise_bytes = 0.0, 0.0, 0.0
-    cache: dict[int, float] = {}
-    for layer, (a, b) in enumerate(itertools.pairwise(dims)):
-        flops = 2 * n * a * b * weights_per_layer
-        gemm_flops += flops * (3 if layer > 0 else 2)
-        width = min(a, b) if model == "gcn" else (b if b < a else a)
-        if width not in cache:
-            cache[width] = spmm_time(adj, width)
-        sparse_s += cache[width] * (2 if layer > 0 else 1)
-        elementwise_bytes += 12 * 2 * n * b * 4
-    bw = bandwidth()
-    parts = {
-        "gemm_s": gemm_flops / rate,
-        "sparse_s": sparse_s,
-        "elementwise_s": elementwise_bytes / bw,
-    }
-    return {
-        **parts,
-        "floor_s": sum(parts.values()),
-        "gemm_flops_per_s": rate,
-        "bandwidth_bytes_per_s": bw,
-        "spmm_s_by_width": cache,
-    }
 
 
 # -- single process: ours and PyG ----------------------------------------------------------
@@ -185,11 +121,13 @@ def ours_epochs(part_dir: str, model: str, epochs: int, warmup: int, **options) 
 
 
 def partitions(data, graph: dict, tmp: Path) -> dict[int, str]:
-    """METIS partitions of the synthetic ``data`` into 1, 2 and 4 parts under ``tmp``."""
+    """METIS partitions of ``data`` (``graph`` its options) into 1, 2 and 4 parts under
+    ``tmp``."""
     parts = {}
+    name = graph.get("dataset", "synthetic")
+    dataset = {"name": name, "options": graph if name == "synthetic" else {}}
     for k in (1, 2, 4):
         parts[k] = str(tmp / f"p{k}")
-        dataset = {"name": "synthetic", "options": graph}
         partition(data, k, parts[k], dataset=dataset, verbose=False)
     return parts
 
@@ -248,14 +186,44 @@ def synthetic_graph(args: argparse.Namespace) -> tuple[dict, object]:
     return graph, load_dataset("synthetic", **graph)
 
 
+def load_graph(args: argparse.Namespace) -> tuple[dict, object]:
+    """``--dataset``: the synthetic graph of the flags, or a stored graph, with its shape."""
+    if args.dataset == "synthetic":
+        return synthetic_graph(args)
+    log(f"loading {args.dataset}")
+    data = load_dataset(args.dataset)
+    graph = {
+        "dataset": args.dataset,
+        "num_nodes": data.num_nodes,
+        "avg_degree": round(data.num_edges / data.num_nodes, 1),
+        "num_features": data.x.size(1),
+        "num_classes": int(data.y.max()) + 1,
+    }
+    return graph, data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_graph_arguments(parser, "train.json")
+    parser.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="synthetic (the flags above) or a stored graph, e.g. coauthor-cs; "
+        "results then default to train-<dataset>.json",
+    )
+    parser.add_argument(
+        "--no-edge-index",
+        action="store_true",
+        help="skip PyG's edge_index path (it holds an edges x features message tensor: "
+        "about 9 GB on the 1M graph)",
+    )
     args = parser.parse_args()
+    if args.dataset != "synthetic" and "--out" not in sys.argv:
+        args.out = str(Path(args.out).with_name(f"train-{args.dataset}.json"))
     warmup = 2
     info = describe()
     cpu_cache = keep_freed_memory()  # ours and PyG alike: the same allocator for both
-    graph, data = synthetic_graph(args)
+    graph, data = load_graph(args)
     results: dict = {
         "machine": info,
         "graph": graph,
@@ -267,28 +235,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         parts = partitions(data, graph, tmp)
-        adj = LocalGraph(load_partition(parts[1], 0)).blocks["gcn"][0]
+        shape = graph_shape(data, LocalGraph(load_partition(parts[1], 0)).blocks["gcn"][0])
         single = {}
         for model in ("gcn", "sage"):
             log(f"floor ({model})")
-            floor = floor_epoch_s(data.num_nodes, data.x.size(1), 8, model, adj)
+            floor = floor_epoch_s(shape, model)
             row = {"floor": floor}
-            for name, run in (
-                ("ours", lambda m=model: ours_epochs(parts[1], m, args.epochs, warmup)),
-                ("pyg_csr", lambda m=model: pyg_epochs(data, m, "csr", args.epochs, warmup)),
-                (
-                    "pyg_edge_index",
-                    lambda m=model: pyg_epochs(data, m, "edge_index", args.epochs, warmup),
+            runs = {
+                "ours": lambda m=model: ours_epochs(parts[1], m, args.epochs, warmup),
+                "pyg_csr": lambda m=model: pyg_epochs(data, m, "csr", args.epochs, warmup),
+                "pyg_edge_index": (
+                    lambda m=model: pyg_epochs(data, m, "edge_index", args.epochs, warmup)
                 ),
-            ):
+            }
+            if args.no_edge_index:
+                del runs["pyg_edge_index"]
+            for name, run in runs.items():
                 log(f"single process: {name} {model}")
                 row[name] = summary(run())
             ours = row["ours"]["median_s"]
             row["ratios"] = {
-                "ours_over_pyg_csr": ours / row["pyg_csr"]["median_s"],
-                "ours_over_pyg_edge_index": ours / row["pyg_edge_index"]["median_s"],
-                "ours_over_floor": ours / floor["floor_s"],
+                f"ours_over_{name}": ours / row[name]["median_s"] for name in runs if name != "ours"
             }
+            row["ratios"]["ours_over_floor"] = ours / floor["floor_s"]
             single[model] = row
         results["single_process"] = single
         ranks = {}
@@ -312,7 +281,8 @@ def write_results(out: Path, results: dict, info: dict, markdown) -> None:
 def markdown(results: dict) -> str:
     g = results["graph"]
     lines = [
-        f"# Training speed ({g['num_nodes']:,} nodes, avg degree {g['avg_degree']}, "
+        f"# Training speed ({g.get('dataset', 'synthetic')}: {g['num_nodes']:,} nodes, "
+        f"avg degree {g['avg_degree']}, "
         f"{g['num_features']} features; {LAYERS} layers, hidden {HIDDEN}, dropout {DROPOUT})",
         "",
         f"Machine: {machine_summary(results['machine'])} {results['threads']} threads.",
@@ -323,15 +293,19 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for model, row in results["single_process"].items():
-        cell = lambda r: f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})"  # noqa: E731
-        ratios = row["ratios"]
+        ratio = lambda key, r=row["ratios"]: f"{r[key]:.2f}" if key in r else "–"  # noqa: E731
         lines.append(
-            f"| {model} | {cell(row['ours'])} | {cell(row['pyg_csr'])} | "
-            f"{cell(row['pyg_edge_index'])} | {row['floor']['floor_s']:.3f} | "
-            f"{ratios['ours_over_pyg_csr']:.2f} | {ratios['ours_over_pyg_edge_index']:.2f} | "
-            f"{ratios['ours_over_floor']:.2f} |"
+            f"| {model} | {_cell(row.get('ours'))} | {_cell(row.get('pyg_csr'))} | "
+            f"{_cell(row.get('pyg_edge_index'))} | {row['floor']['floor_s']:.3f} | "
+            f"{ratio('ours_over_pyg_csr')} | {ratio('ours_over_pyg_edge_index')} | "
+            f"{ratio('ours_over_floor')} |"
         )
     return "\n".join(lines + ranks_table(results)) + "\n"
+
+
+def _cell(run: dict | None) -> str:
+    """A run's median (min-max) seconds, or a dash for a run left out."""
+    return "–" if run is None else f"{run['median_s']:.3f} ({run['min_s']:.3f}-{run['max_s']:.3f})"
 
 
 def ranks_table(results: dict) -> list[str]:

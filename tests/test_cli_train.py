@@ -117,6 +117,14 @@ def test_eval_any_world_size_matches_training(parts, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result["val"] == pytest.approx(val, abs=1e-12)
+    # the best validation epoch's model, saved beside the checkpoints, scores what the run said
+    final = records(metrics)[-1]
+    command[command.index(str(ckpt / "epoch_000004"))] = str(ckpt / "best")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    best = json.loads(done.stdout.strip().splitlines()[-1])
+    assert best["val"] == pytest.approx(final["best_val_acc"], abs=1e-12)
+    assert best["test"] == pytest.approx(final["test_acc"], abs=1e-12)
 
 
 def test_sigterm_checkpoints_and_resume_continues(parts, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Checkpoints: ``<dir>/epoch_<N>/`` with ``model.pt`` (rank 0), ``rank_<k>.pt`` per rank
-and ``checkpoint.json``, the completion record.
+and ``checkpoint.json``, the completion record; and ``<dir>/best/model.pt``, the model of the
+best validation score so far (:func:`save_best`; for deploying, not resuming).
 
 ``model.pt`` holds the model, the optimiser and the loop state; it does not depend on the
 number of ranks, so ``bns-pipe eval`` can load it on any world size. Each rank's shard holds
@@ -41,6 +42,7 @@ from bns_pipe.train.distributed import DistContext
 PREFIX = "epoch_"
 RECORD = "checkpoint.json"
 MODEL = "model.pt"
+BEST = "best"
 ENTRY = 33  # a file in the write table: its size, then the 32 bytes of its SHA-256
 
 
@@ -131,6 +133,25 @@ def save(
             f"writing checkpoint {final} failed ({error}); {kept}. Free space or raise the "
             "limit, then resume with --resume"
         )
+    return final
+
+
+def save_best(directory: str | Path, model: torch.nn.Module, config: dict, epoch: int) -> Path:
+    """Replace ``<directory>/best/model.pt`` with ``model`` as it is after ``epoch`` epochs
+    (rank 0 calls this when validation improves): the model and its hooks' state, no
+    optimiser; written to a temporary file first, so a reader sees the old or the new one.
+    ``bns-pipe eval`` and ``bns-pipe compress`` read ``<directory>/best`` like a checkpoint."""
+    final = Path(directory) / BEST / MODEL
+    final.parent.mkdir(parents=True, exist_ok=True)
+    plain, hook_state = plain_state_dict(model)
+    tmp = final.with_name(f".{MODEL}.tmp")
+    blob = {"model": plain, "hook_state": hook_state, "config": config, "state": {"epoch": epoch}}
+    try:
+        _write(tmp, blob)
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"writing the best model {final} failed: {exc}") from exc
     return final
 
 

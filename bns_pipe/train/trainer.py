@@ -25,9 +25,8 @@ from bns_pipe.comm.reducer import GradReducer
 from bns_pipe.errors import BnsPipeError, PartitionError
 from bns_pipe.hooks import ByteCounter, EpochContext, build_hook
 from bns_pipe.memory import keep_freed_memory
-from bns_pipe.nn.features import wants_sparse
 from bns_pipe.nn.model import GNN
-from bns_pipe.partition import Partition, load_partition, manifest_hash, read_manifest
+from bns_pipe.partition import load_partition, manifest_hash, read_manifest
 from bns_pipe.sampling import BoundarySampler, EpochSample
 from bns_pipe.train import checkpoint
 from bns_pipe.train.config import TrainConfig
@@ -42,7 +41,7 @@ from bns_pipe.train.metrics import (
     progress_bar,
     reset_peak_memory,
 )
-from bns_pipe.train.views import SPLITS, build_view, training_subgraph
+from bns_pipe.train.views import SPLITS, build_view, sparse_input, training_subgraph
 
 
 class TrainingError(BnsPipeError):
@@ -69,7 +68,9 @@ class Trainer:
         self.bytes = ByteCounter()
         hooks = [*self.hooks, self.bytes]
         dtype = getattr(torch, config.dtype)
-        features = {"normalize": config.normalize_features, "sparse": self._sparse_input(part)}
+        first_out = config.hidden if config.layers > 1 else part.num_classes
+        sparse = sparse_input(part, ctx, config.sparse_features, first_out, config.use_pp)
+        features = {"normalize": config.normalize_features, "sparse": sparse}
         self.eval_view = build_view(part, ctx, hooks, dtype, **features)
         self.view, train_part = self.eval_view, part
         if config.inductive:
@@ -365,6 +366,9 @@ class Trainer:
             final_form = all(hook.deployed() for hook in self.hooks)
             if final_form and scores["val"] > state["best_val"]:
                 state["best_val"], state["test_at_best"] = scores["val"], scores["test"]
+                if self.config.checkpoint_dir and self.ctx.is_main:
+                    config = dataclasses.asdict(self.config)
+                    checkpoint.save_best(self.config.checkpoint_dir, self.model, config, epoch + 1)
             if final_form and scores["val_metric"] > state["best_val_metric"]:
                 state["best_val_metric"] = scores["val_metric"]
                 state["test_at_best_metric"] = scores["test_metric"]
@@ -396,14 +400,6 @@ class Trainer:
         if self.pipeline is not None:
             self.pipeline.load_state_dict(rank_state)
         return int(self.state["epoch"])
-
-    def _sparse_input(self, part: Partition) -> bool:
-        """``--sparse-features``, decided on the graph-wide density (the same on every rank)."""
-        config, x = self.config, part.x
-        nonzero, total = self._sum(torch.tensor([float(x.count_nonzero()), float(x.numel())]))
-        first_out = config.hidden if config.layers > 1 else part.num_classes
-        density = float(nonzero / total) if total else 1.0
-        return wants_sparse(config.sparse_features, density, x.size(1), first_out, config.use_pp)
 
     def _sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()

@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from bns_pipe.comm.halo import HaloExchange
 from bns_pipe.graph import LocalGraph
 from bns_pipe.hooks import LayerHook
-from bns_pipe.nn.features import prepare_features
+from bns_pipe.nn.features import prepare_features, wants_sparse
 from bns_pipe.partition import Partition
 from bns_pipe.partition.restrict import restrict_partition
 from bns_pipe.sparse import CSR
@@ -80,3 +81,16 @@ def training_subgraph(part: Partition, exchange: HaloExchange) -> Partition:
     halo_degree = exchange_column(exchange, degree).cpu().round().long()
     in_degree = torch.cat([degree[inner_keep], halo_degree[halo_keep]])
     return restrict_partition(part, inner_keep, halo_keep, in_degree)
+
+
+def sparse_input(
+    part: Partition, ctx: DistContext, mode: str, first_out: int, use_pp: bool
+) -> bool:
+    """``--sparse-features`` ``mode``, decided on the graph-wide density of the features (the
+    same answer on every rank)."""
+    x = part.x
+    counts = torch.tensor([float(x.count_nonzero()), float(x.numel())])
+    dist.all_reduce(counts, group=ctx.reduce_group)
+    nonzero, total = counts.tolist()
+    density = nonzero / total if total else 1.0
+    return wants_sparse(mode, density, x.size(1), first_out, use_pp)
