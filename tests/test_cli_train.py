@@ -14,6 +14,7 @@ import pytest
 
 from bns_pipe.data import load_dataset
 from bns_pipe.partition import partition
+from bns_pipe.train import checkpoint
 from tests.test_failures import _worker_pids, losses, train
 
 GRAPH = {"num_nodes": 2000, "num_features": 16, "num_classes": 4}
@@ -155,7 +156,7 @@ def test_sigterm_checkpoints_and_resume_continues(parts, tmp_path: Path) -> None
     finally:
         process.kill()
     assert process.returncode != 0 and "stopped by SIGTERM" in stderr, stderr
-    saved = sorted(ckpt.iterdir())
+    saved = checkpoint.checkpoints(ckpt)
     assert len(saved) == 1 and int(saved[0].name.split("_")[1]) < 40
     done = train(
         *common,

@@ -15,6 +15,7 @@ import pytest
 from bns_pipe.data import load_dataset
 from bns_pipe.partition import partition
 from bns_pipe.partition.store import part_file
+from bns_pipe.train import checkpoint
 
 TIMEOUT = 180
 
@@ -147,7 +148,8 @@ def test_resume_continues_the_same_trajectory(
     second = train(*common, *ckpt, "--epochs", "6", "--resume", "--metrics-jsonl", str(part))
     assert second.returncode == 0, second.stderr
     assert losses(part) == losses(full)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "ckpt")] == [
         "epoch_000003",
         "epoch_000006",
     ]
+    assert (tmp_path / "ckpt" / checkpoint.BEST / "model.pt").is_file()  # beside, not among them

@@ -248,7 +248,8 @@ def test_failed_write_leaves_the_previous_checkpoint(parts, tmp_path: Path) -> N
     assert f"the previous checkpoint {previous.name} is intact" in done.stderr
     assert "Traceback" not in done.stderr
     assert checkpoint.problem(previous) is None
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch_000002", "epoch_000004"]
+    saved = [p.name for p in checkpoint.checkpoints(tmp_path / "ckpt")]
+    assert saved == ["epoch_000002", "epoch_000004"]
 
 
 def test_torn_metrics_line_on_resume(parts, tmp_path: Path) -> None:
@@ -270,4 +271,4 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(parts, tmp_path: Path) -
     assert _run_with_checkpoints(parts, tmp_path, 2).returncode == 0
     done = _run_with_checkpoints(parts, tmp_path, 2)
     assert done.returncode != 0 and "already holds checkpoints" in done.stderr
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch_000002"]
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "ckpt")] == ["epoch_000002"]
