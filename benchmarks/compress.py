@@ -8,13 +8,14 @@ the model, dropout and, on Coauthor and Amazon, the split), on 1 METIS part and 
 - post-training, ``bns-pipe compress`` of the dense model: ``int:bits=8``, ``int:bits=4``,
   and for reference ``kmeans:k=16`` and ``smartexchange`` without training in their form.
 
-Every score is the test accuracy of the model one deploys: the final checkpoint (LDP, dense)
-or the compressed file (``bns-pipe compress`` of the final checkpoint with the method, read
-back by ``bns-pipe eval`` on one rank). The ratio is float32 bytes of the conv weights over
-the bytes the file stores for them (LDP: 32 / its average deployed weight width). Loss = the
-paired difference to the dense model of the same seed and world size. Targets (issue 15):
-k-means k=16 >= 7.5x at <= 0.5 point loss, SmartExchange >= 6x at <= 0.5, LDP <= 6 average
-bits at <= 0.5, and each within 1 point on 4 ranks as on 1.
+Every score is the test accuracy of the model one deploys, selected by validation: the run's
+best model (``<checkpoint-dir>/best``, saved in the hooks' final form; LDP, dense) or the
+compressed file (``bns-pipe compress`` of that model with the method, read back by
+``bns-pipe eval`` on one rank). The ratio is float32 bytes of the conv weights over the
+bytes the file stores for them (LDP: 32 / the best model's average deployed weight
+width). Loss = the paired difference to the dense model of the same seed and world size.
+Targets (issue 15): k-means k=16 >= 7.5x at <= 0.5 point loss, SmartExchange >= 6x at
+<= 0.5, LDP <= 6 average bits at <= 0.5, and each within 1 point on 4 ranks as on 1.
 
     python benchmarks/compress.py [--datasets cora,...] [--seeds 0,1,2] [--out DIR]
 
@@ -43,6 +44,8 @@ from bns_pipe.bench.accuracy import COMMON, MODELS  # noqa: E402
 from bns_pipe.bench.suite import run_checked  # noqa: E402
 from bns_pipe.cli import main as cli  # noqa: E402
 from bns_pipe.data.npz import NPZ_DATASETS  # noqa: E402
+from bns_pipe.hooks import build_hook  # noqa: E402
+from bns_pipe.train.checkpoint import BEST, read_model_file  # noqa: E402
 
 DATASETS = ["cora", "coauthor-cs", "amazon-computers", "synthetic"]
 # name → (hook of the training run or None, method of the file or None, ranks)
@@ -75,7 +78,7 @@ def data_flags(dataset: str, seed: int) -> list[str]:
 
 
 def train(work: Path, dataset: str, hook: str | None, seed: int, ranks: int) -> tuple[dict, Path]:
-    """The final metrics record and the final checkpoint of one training run (cached)."""
+    """The final metrics record and the best model's directory of one training run (cached)."""
     run = work / dataset / f"{hook or 'dense'}-{ranks}r" / f"seed_{seed}"
     options = [*data_flags(dataset, seed), *COMMON["gcn"], *MODELS["gcn"][dataset]]
     options += ["--parts", str(ranks), "--seed", str(seed)]
@@ -89,7 +92,7 @@ def train(work: Path, dataset: str, hook: str | None, seed: int, ranks: int) -> 
         run_checked([sys.executable, "-m", "bns_pipe", "train", *options, *saving, "--no-progress"])
         made_by.write_text(json.dumps(options))
     final = json.loads(metrics.read_text().splitlines()[-1])
-    return final, max((run / "ck").glob("epoch_*"))
+    return final, run / "ck" / BEST
 
 
 def command(argv: list[str]) -> dict:
@@ -110,18 +113,19 @@ def test_accuracy(model_file: Path, dataset: str, seed: int) -> float:
 def score(work: Path, dataset: str, method: str, seed: int, ranks: int) -> dict:
     """{test, ratio} of one method for one seed and world size (extras per method)."""
     hook, codec, _ = METHODS[method]
-    final, checkpoint = train(work, dataset, hook, seed, ranks)
-    if codec is None:  # the checkpoint is the deployed model
-        row = {"test": test_accuracy(checkpoint, dataset, seed), "ratio": 1.0}
-        if hook:
-            report = final["hooks"][hook.split(":")[0]]
+    final, best = train(work, dataset, hook, seed, ranks)
+    if codec is None:  # the best model is the deployed one
+        row = {"test": test_accuracy(best, dataset, seed), "ratio": 1.0}
+        if hook:  # LDP: the best model's widths; their history over the whole run
+            report = build_hook(hook).saved_report(read_model_file(best))
             row.update(ratio=report["ratio"], bits=report["bits_per_layer"])
-            row.update(avg_bits=report["avg_bits"], bits_history=report["bits_history"])
+            row.update(avg_bits=report["avg_bits"])
+            row.update(bits_history=final["hooks"][hook.split(":")[0]]["bits_history"])
         return row
     name = f"{method.replace(' ', '').replace('(', '-').replace(')', '')}.pt"
-    model_file = checkpoint.parent.parent / name
+    model_file = best.parent.parent / name
     summary = command(
-        ["compress", "--checkpoint", str(checkpoint), "--method", codec, "--out", str(model_file)]
+        ["compress", "--checkpoint", str(best), "--method", codec, "--out", str(model_file)]
     )
     return {"test": test_accuracy(model_file, dataset, seed), "ratio": summary["ratio"]}
 
@@ -165,7 +169,8 @@ def markdown(results: dict) -> str:
         "",
         f"2-layer GCN, hidden 64, the accuracy study's flags; seeds {seeds} (paired: the "
         "same seed's dense model is the reference). Test accuracy (%) of the deployed model "
-        "(the compressed file, or the final checkpoint for dense and LDP), mean ± std; loss = "
+        "(the compressed file, or for dense and LDP the model itself, each from the run's "
+        "best validation epoch), mean ± std; loss = "
         "dense - method in points (± its standard error); ratio = float32 bytes of the conv "
         "weights / stored bytes (LDP: 32 / average deployed bits).",
         "",

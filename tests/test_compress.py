@@ -321,7 +321,7 @@ def test_ldp_is_the_identity_at_full_width_and_learns_its_widths() -> None:
     conv layer (SAGE's two maps share it)."""
     from bns_pipe.hooks import EpochContext, build_hook
     from bns_pipe.hooks.ldp import fake_quantize
-    from bns_pipe.hooks.weights import conv_weights
+    from bns_pipe.hooks.weights import conv_weights, plain_state_dict
     from bns_pipe.nn.model import GNN
 
     torch.manual_seed(0)
@@ -351,6 +351,12 @@ def test_ldp_is_the_identity_at_full_width_and_learns_its_widths() -> None:
     report = learned.report()
     assert report["bits_per_layer"] == [6, 6, 6] and report["bits_history"] == [[5.5] * 3]
     assert learned.loss_term() is not None
+    with torch.no_grad():
+        learned.layers[1][0].beta.fill_(3.2)  # SAGE: both maps of layer 1 deploy at 4 bits
+    weights, own = plain_state_dict(model)
+    saved = learned.saved_report({"model": weights, "hook_state": own})
+    assert saved == {k: v for k, v in learned.report().items() if k != "bits_history"}
+    assert saved["bits_per_layer"] == [6, 4, 6] and 4 < saved["avg_bits"] < 6
 
 
 def test_ldp_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:

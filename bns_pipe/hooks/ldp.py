@@ -152,12 +152,28 @@ class LDPHook(LayerHook):
         return self.cost * sum(p.bits() * n for p, n in self.layers) / total
 
     def report(self) -> dict:
-        deployed = [deployed_width(b) for b in self._widths()]
-        total = sum(n for _, n in self.layers)
-        mean = sum(b * n for b, (_, n) in zip(deployed, self.layers, strict=True)) / total
-        return {
-            "bits_per_layer": deployed,
-            "avg_bits": mean,
-            "ratio": 32 / mean,
-            "bits_history": self.history,
-        }
+        summary = _deployed(self._widths(), [n for _, n in self.layers])
+        return {**summary, "bits_history": self.history}
+
+    def saved_report(self, model_file: dict) -> dict:
+        """:meth:`report`'s widths (no history) of a saved model file, e.g. the best model
+        (``checkpoint.read_model_file``): β from its hook state, sizes from its weights."""
+        widths: dict[str, float] = {}
+        sizes: dict[str, int] = {}
+        for key, beta in model_file["hook_state"].items():
+            if key.endswith(".precision.beta"):
+                weight = key.split(".parametrizations.")[0]  # convs.<i>.<map>
+                conv = weight.rsplit(".", 1)[0]
+                widths[conv] = float(beta.clamp(self.low, self.high))
+                sizes[conv] = sizes.get(conv, 0) + model_file["model"][f"{weight}.weight"].numel()
+        if not widths:
+            raise ValueError("the model file holds no ldp widths: was it trained with --hook ldp?")
+        return _deployed(list(widths.values()), list(sizes.values()))
+
+
+def _deployed(widths: list[float], sizes: list[int]) -> dict:
+    """Per layer the deployed width ⌈b_l⌉; their mean weighted by the layers' weights n_l and
+    the storage ratio 32 / mean."""
+    deployed = [deployed_width(b) for b in widths]
+    mean = sum(b * n for b, n in zip(deployed, sizes, strict=True)) / sum(sizes)
+    return {"bits_per_layer": deployed, "avg_bits": mean, "ratio": 32 / mean}
