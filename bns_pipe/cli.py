@@ -308,7 +308,7 @@ def _run_compress(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from bns_pipe.train.checkpoint import read_model_file
 
     blob = read_model_file(args.checkpoint)
-    if "optimizer" not in blob:
+    if "compressed_with" in blob:  # a checkpoint or a best model is what one compresses
         raise BnsPipeError(f"{args.checkpoint} is already compressed: compress a checkpoint")
     compress.parse_method(args.method)  # a bad method fails before any fine-tuning
     if args.finetune_epochs < 0:

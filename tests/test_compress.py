@@ -170,7 +170,8 @@ def test_compressed_file_round_trips(trained: Path, capfd, spec: str) -> None:
 
 
 def test_bad_files_are_refused(trained: Path, tmp_path: Path, capfd) -> None:
-    """A file that is not a checkpoint, a corrupt one, and an already compressed one."""
+    """A file that is not a checkpoint, a corrupt one, and an already compressed one (a
+    best model, without optimiser state, is not one)."""
     bogus = tmp_path / "bogus.pt"
     torch.save({"weights": torch.zeros(3)}, bogus)
     with pytest.raises(CheckpointError, match="not a bns_pipe checkpoint"):
@@ -184,6 +185,9 @@ def test_bad_files_are_refused(trained: Path, tmp_path: Path, capfd) -> None:
     checkpoint = next((trained / "ckpt").glob("epoch_*"))
     args = ["--method", "int:bits=8", "--out", str(once)]
     assert main(["compress", "--checkpoint", str(checkpoint), *args]) == 0
+    best = trained / "ckpt" / "best"  # the best model (no optimiser state) compresses too
+    best_args = ["--method", "int:bits=8", "--out", str(tmp_path / "best.pt")]
+    assert main(["compress", "--checkpoint", str(best), *best_args]) == 0
     twice = ["--checkpoint", str(once), "--method", "int:bits=8", "--out", str(tmp_path / "x.pt")]
     assert main(["compress", *twice]) == 2
     assert "already compressed" in capfd.readouterr().err

@@ -138,7 +138,7 @@ def is_compressed(blob: object) -> bool:
 
 def read(blob: dict, source: str) -> dict:
     """A loaded compressed file as a checkpoint's ``{"model": state, "config": options}``
-    (weights decompressed in the model's ``dtype``)."""
+    (weights decompressed in the model's ``dtype``) and ``"compressed_with"``, its method."""
     try:
         meta = json.loads(bytes(blob["meta"].tolist()).decode())
         codec = parse_method(meta["method"])
@@ -152,4 +152,4 @@ def read(blob: dict, source: str) -> dict:
             state[name] = weight.to(dtype)
     except (KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
         raise BnsPipeError(f"compressed file {source} is corrupt: {exc}") from None
-    return {"model": state, "config": meta["config"]}
+    return {"model": state, "config": meta["config"], "compressed_with": meta["method"]}
