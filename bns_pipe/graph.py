@@ -75,11 +75,11 @@ class LocalGraph:
         self.self_weight = self_weight.to(device, dtype).unsqueeze(1)
         self.inner: dict[str, InnerOperator] = {}
         for kind, (block, _) in self.blocks.items():
-            offered = (hook.inner_operator(kind, block) for hook in hooks)
-            operator = next((op for op in offered if op is not None), None)
-            if operator is None and kind == "gcn":  # the self-loop term inside the product
-                operator = CsrOperator(block.plus_diagonal(self_weight.to(device)), True)
-            self.inner[kind] = CsrOperator(block) if operator is None else operator
+            default = CsrOperator(block)
+            if kind == "gcn":  # the self-loop term inside the product
+                default = CsrOperator(block.plus_diagonal(self_weight.to(device)), True)
+            offered = (hook.inner_operator(kind, default) for hook in hooks)
+            self.inner[kind] = next((op for op in offered if op is not None), default)
         self.sample: EpochSample | None = None
         self.sampled_blocks: dict[str, CSR] = {}
         self.pattern: tuple[CSR, torch.Tensor] | None = None  # built on first use (GAT)

@@ -80,15 +80,16 @@ class DenseInner(LayerHook):
 
     name = "dense-inner"
 
-    def inner_operator(self, kind, block):
+    def inner_operator(self, kind, default):
+        block = default.block  # GCN's with its self-loop term as the diagonal
         dense = torch.zeros(block.shape, dtype=block.values.dtype)
         dense[block.row_ids(), block.indices] = block.values
-        return DenseOperator(dense)
+        return DenseOperator(dense, default.self_loops)
 
 
 class DenseOperator:
-    def __init__(self, dense: torch.Tensor) -> None:
-        self.dense = dense
+    def __init__(self, dense: torch.Tensor, self_loops: bool) -> None:
+        self.dense, self.self_loops = dense, self_loops
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense.to(x.dtype) @ x

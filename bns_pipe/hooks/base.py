@@ -4,11 +4,12 @@ A hook overrides any of these points; each default leaves training unchanged:
 
 - graph: ``on_graph(part) -> part``, once at load (node reordering, islands). It may permute
   the inner nodes only (remapping ``send_ids``' values); peers and halo order stay.
-- inner aggregation: ``inner_operator(kind, block)`` may hand the local graph a replacement
-  for the fixed inner block ``A_inner`` of aggregation ``kind`` (``"gcn"`` or ``"mean"``), an
-  :class:`InnerOperator` with the product and its transpose (GCN's self-loop term included
-  or not). The halo block stays on its
-  path, so BNS and the pipeline are untouched.
+- inner aggregation: ``inner_operator(kind, default)`` may hand the local graph a
+  replacement for ``default``, its operator of the fixed inner block ``A_inner`` of
+  aggregation ``kind`` (``"gcn"`` or ``"mean"``; a CSR product, ``default.block``, GCN's with
+  its self-loop term as the diagonal): an :class:`InnerOperator` with the product and its
+  transpose (GCN's self-loop term included or not). The halo block stays on its path, so BNS
+  and the pipeline are untouched.
 - messages: ``on_send(message, rows) -> payload`` and ``on_receive(message, payload) ->
   rows`` around every halo transfer; :class:`Message` names the layer, the direction
   (``"forward"``: features, ``"backward"``: feature gradients), the global ids of the rows
@@ -41,7 +42,6 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from bns_pipe.partition import Partition
-    from bns_pipe.sparse import CSR
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class LayerHook:
     def on_graph(self, part: Partition) -> Partition:
         return part
 
-    def inner_operator(self, kind: str, block: CSR) -> InnerOperator | None:
+    def inner_operator(self, kind: str, default: InnerOperator) -> InnerOperator | None:
         return None
 
     def on_model(self, model: nn.Module) -> None:

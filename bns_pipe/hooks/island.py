@@ -22,9 +22,10 @@ computes the same (to float summation order). Islands and order are deterministi
 Redundancy (``redundancy=auto|on|off``, ``capacity=auto|N``): the inner aggregation of the
 kind the model uses runs through :mod:`bns_pipe.hooks.redundancy`, the neighbour pairs shared
 within each island (and among the hubs) summed once (at most ``capacity`` aggregation nodes,
-auto: n_inner, so the table of rows grows at most twofold); ``auto`` keeps the plain product
-where that removes under 10% of the additions or where a timed product on the first input
-is not faster (on CPUs so far it is not: the report says so). The halo block keeps its
+auto: n_inner / 16: each costs a row written and read back, and on CPUs only the most
+shared pairs pay); ``auto`` keeps the graph's own product where that removes under 2% of
+the additions or where a timed product on the first input is not faster (the report says
+so). The halo block keeps its
 path, so BNS and the pipeline work unchanged. Built on the first product.
 
 Report: ``islands``, ``hubs`` (this rank's), ``pruned_fraction`` = 1 - additions performed /
@@ -45,15 +46,16 @@ from torch import Tensor, nn
 from bns_pipe.hooks.base import InnerOperator, LayerHook
 from bns_pipe.hooks.redundancy import (
     RedundancyFreeOperator,
+    is_symmetric,
     merge_shared_pairs,
     plain_additions,
 )
 from bns_pipe.partition import Partition
-from bns_pipe.sparse import CSR, spmm
 
 __all__ = ["IslandHook", "Islands", "find_islands", "renumber"]
 
-AUTO_PRUNED = 0.1  # redundancy=auto keeps the structure when it removes this many additions
+AUTO_PRUNED = 0.02  # redundancy=auto keeps the structure when it removes this many additions
+AUTO_CAPACITY = 16  # capacity=auto: n_inner / 16 aggregation nodes
 
 
 @dataclasses.dataclass
@@ -180,13 +182,15 @@ class IslandHook(LayerHook):
         self.preprocess_s = time.perf_counter() - start
         return self.part
 
-    def inner_operator(self, kind: str, block: CSR) -> InnerOperator | None:
-        return None if self.redundancy == "off" else _Deferred(self, kind, block)
+    def inner_operator(self, kind: str, default: InnerOperator) -> InnerOperator | None:
+        return None if self.redundancy == "off" else _Deferred(self, kind, default)
 
-    def operator(self, kind: str, block: CSR, x: Tensor) -> RedundancyFreeOperator | None:
+    def operator(
+        self, kind: str, default: InnerOperator, x: Tensor
+    ) -> RedundancyFreeOperator | None:
         """The redundancy-free product of ``kind`` over the renumbered inner block (islands
         and hubs as groups), or None where ``redundancy=auto`` finds that it prunes under
-        10% of the additions or runs slower than the plain product on ``x``."""
+        2% of the additions or runs slower than the ``default`` product on ``x``."""
         start = time.perf_counter()
         part, loops = self.part, kind == "gcn"
         indptr, indices = inner_pattern(part, loops)
@@ -194,7 +198,7 @@ class IslandHook(LayerHook):
         position[self.found.order] = torch.arange(part.n_inner)
         found = [*self.found.islands, self.found.hubs]
         groups = [position[torch.tensor(group, dtype=torch.int64)].tolist() for group in found]
-        capacity = part.n_inner if self.capacity is None else self.capacity
+        capacity = part.n_inner // AUTO_CAPACITY if self.capacity is None else self.capacity
         hierarchy = merge_shared_pairs(indptr, indices, groups, capacity)
         plain = plain_additions(indptr)
         pruned = 1 - hierarchy.additions() / plain if plain else 0.0
@@ -204,12 +208,15 @@ class IslandHook(LayerHook):
         else:  # mean: 1 / d_i, 0 for a row without neighbours
             row = torch.where(degree > 0, 1 / degree.clamp(min=1), 0.0)
             col = torch.ones_like(degree)
-        built = RedundancyFreeOperator(hierarchy, row.to(x.dtype), col.to(x.dtype), loops)
+        symmetric = loops and is_symmetric(indptr, indices)  # then Aᵀ g = A g
+        built = RedundancyFreeOperator(
+            hierarchy, row.to(x.dtype), col.to(x.dtype), loops, symmetric
+        )
         self.pruned[kind], self.states[kind] = pruned, "on"
         if self.redundancy == "auto" and pruned < AUTO_PRUNED:
             self.states[kind] = f"off: prunes {pruned:.0%} of the additions"
         elif self.redundancy == "auto":
-            plain_s = _seconds(lambda: spmm(block, x).add_(x) if loops else spmm(block, x))
+            plain_s = _seconds(lambda: default(x))
             built_s = _seconds(lambda: built(x))
             if built_s >= plain_s:
                 self.states[kind] = (
@@ -257,30 +264,29 @@ def _seconds(product, repeats: int = 5) -> float:
 
 class _Deferred:
     """The inner operator of one kind, built on its first product (a model uses one kind:
-    GCN's or the mean's), falling back to the block where the structure does not pay."""
+    GCN's or the mean's), falling back to the graph's default where the structure does not
+    pay."""
 
-    def __init__(self, hook: IslandHook, kind: str, block: CSR) -> None:
-        self.hook, self.kind, self.block = hook, kind, block
+    def __init__(self, hook: IslandHook, kind: str, default: InnerOperator) -> None:
+        self.hook, self.kind, self.default = hook, kind, default
         self.built: RedundancyFreeOperator | None = None
         self.ready = False
 
     def _operator(self, x: Tensor) -> RedundancyFreeOperator | None:
         if not self.ready:
-            self.built = self.hook.operator(self.kind, self.block, x)
+            self.built = self.hook.operator(self.kind, self.default, x)
             self.ready = True
         return self.built
 
     @property
     def self_loops(self) -> bool:
-        return self.built is not None and self.built.self_loops
+        return bool(getattr(self.built or self.default, "self_loops", False))
 
     def __call__(self, x: Tensor) -> Tensor:
-        built = self._operator(x)
-        return spmm(self.block, x) if built is None else built(x)
+        return (self._operator(x) or self.default)(x)
 
     def transposed(self, g: Tensor) -> Tensor:
-        built = self._operator(g)
-        return spmm(self.block.transpose(), g) if built is None else built.transposed(g)
+        return (self._operator(g) or self.default).transposed(g)
 
 
 def inner_pattern(part: Partition, self_loops: bool = False) -> tuple[Tensor, Tensor]:

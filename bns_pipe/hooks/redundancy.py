@@ -17,6 +17,7 @@ For A = diag(r) · S · diag(c) (S the 0/1 pattern; GCN: S with its self-loops, 
 
 with C the 0/1 cover matrix (n, n + m); the transpose runs Cᵀ, then the levels in reverse,
 each aggregate's gradient added to its two inputs. Additions: m + Σ_i (|cover_i| - 1).
+:class:`RedundancyFreeOperator` folds r and c into the aggregates' and the cover's weights.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor
 from bns_pipe import _ext
 from bns_pipe.sparse import CSR, spmm
 
-__all__ = ["Hierarchy", "RedundancyFreeOperator", "merge_shared_pairs"]
+__all__ = ["Hierarchy", "RedundancyFreeOperator", "is_symmetric", "merge_shared_pairs"]
 
 
 @dataclass
@@ -49,6 +50,13 @@ class Hierarchy:
         """Additions of one aggregation with this structure."""
         sizes = self.cover.indptr.diff()
         return int(self.pairs.shape[0] + (sizes - 1).clamp(min=0).sum())
+
+
+def is_symmetric(indptr: Tensor, indices: Tensor) -> bool:
+    """Whether a square 0/1 pattern (each row's columns ascending) equals its transpose."""
+    n = indptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n), indptr.diff())
+    return torch.equal(torch.sort(indices * n + rows).values, rows * n + indices)
 
 
 def plain_additions(indptr: Tensor) -> int:
@@ -145,42 +153,71 @@ def _level(node: int, level: list[int], n: int) -> int:
 
 
 class RedundancyFreeOperator:
-    """``A x`` and ``Aᵀ g`` for A = diag(r) S diag(c) through a :class:`Hierarchy`: r, c (n,)."""
+    """``A x`` and ``Aᵀ g`` for A = diag(r) S diag(c) through a :class:`Hierarchy`: r, c (n,).
+
+    The scales live in weights, so no pass scales x or the result: an aggregate k of inputs
+    u, v is a_k = w_k0 t_u + w_k1 t_v over t = [x; a] (w = c_u for a node, 1 for an
+    aggregate), and the cover's entry (i, j) is r_i c_j for a node j, r_i for an aggregate:
+    A x = C_w t. The transpose is C_wᵀ g, then the aggregates in reverse, each one's gradient
+    added to its inputs times their weights; its first n rows are Aᵀ g. ``symmetric``: A = Aᵀ
+    (GCN's on an undirected block: S = Sᵀ, r = c), so the transpose is the product itself."""
 
     def __init__(
-        self, hierarchy: Hierarchy, row_scale: Tensor, col_scale: Tensor, self_loops: bool
+        self,
+        hierarchy: Hierarchy,
+        row_scale: Tensor,
+        col_scale: Tensor,
+        self_loops: bool,
+        symmetric: bool = False,
     ) -> None:
         device = row_scale.device
-        self.self_loops = self_loops
-        self.n = hierarchy.n
+        self.self_loops, self.symmetric = self_loops, symmetric
+        self.n = n = hierarchy.n
+
+        def weight_of(ids: Tensor) -> Tensor:  # c_j for a node j, 1 for an aggregate
+            node = ids < n
+            return torch.where(node, col_scale[ids.clamp(max=max(n - 1, 0))], 1.0)
+
         self.inputs = hierarchy.pairs.to(device)
+        self.weights = weight_of(self.inputs).contiguous()
         self.levels = [lv.to(device) for lv in hierarchy.levels]
-        self.cover = hierarchy.cover.to(device)
-        self.row_scale, self.col_scale = row_scale.unsqueeze(1), col_scale.unsqueeze(1)
+        cover = hierarchy.cover.to(device)
+        self.cover = cover.with_values(row_scale[cover.row_ids()] * weight_of(cover.indices))
 
     def __call__(self, x: Tensor) -> Tensor:
-        table = x.new_empty(self.n + self.inputs.shape[0], x.shape[1])
-        torch.mul(x, self.col_scale, out=table[: self.n])
-        if _native(table):
-            _ext.ops().pair_sums_(table, self.inputs, self.n)
-        else:
-            for members in self.levels:
-                u, v = self.inputs[members, 0], self.inputs[members, 1]
-                table[self.n + members] = table[u] + table[v]
-        return spmm(self.cover, table).mul_(self.row_scale)
+        weights, cover = self.weights.to(x.dtype), self.cover
+        if _native(x):
+            values = cover.values.to(x.dtype)
+            return _ext.ops().hag_product(
+                x.contiguous(), self.inputs, weights, cover.indptr, cover.indices, values
+            )
+        table = torch.cat([x, x.new_empty(self.inputs.shape[0], x.shape[1])])
+        for members in self.levels:
+            (u, v), w = self.inputs[members].T, weights[members]
+            table[self.n + members] = w[:, :1] * table[u] + w[:, 1:] * table[v]
+        return spmm(cover, table)
 
     def transposed(self, g: Tensor) -> Tensor:
-        table = spmm(self.cover.transpose(), g * self.row_scale)
+        if self.symmetric:
+            return self(g)
+        table = spmm(self.cover.transpose(), g)
+        weights = self.weights.to(g.dtype)
         if _native(table):
-            _ext.ops().pair_sums_backward_(table, self.inputs, self.n)
+            _ext.ops().hag_pairs_backward_(table, self.inputs, weights, self.n)
         else:
             for members in reversed(self.levels):
                 grad = table[self.n + members]
-                table.index_add_(0, self.inputs[members, 0], grad)
-                table.index_add_(0, self.inputs[members, 1], grad)
-        return table[: self.n] * self.col_scale
+                (u, v), w = self.inputs[members].T, weights[members]
+                table.index_add_(0, u, w[:, :1] * grad)
+                table.index_add_(0, v, w[:, 1:] * grad)
+        return table[: self.n]
 
 
-def _native(table: Tensor) -> bool:
-    """The C++ op runs the aggregation nodes (``csrc/hag.cpp``; a CPU kernel only)."""
-    return table.device.type == "cpu" and _ext.available()
+def _native(rows: Tensor) -> bool:
+    """The C++ ops run the product and the aggregates' backward (``csrc/hag.cpp``; a CPU
+    kernel only, float32 and float64)."""
+    return (
+        rows.device.type == "cpu"
+        and rows.dtype in (torch.float32, torch.float64)
+        and _ext.available()
+    )
