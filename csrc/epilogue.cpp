@@ -75,8 +75,9 @@ struct Rows {
 // pointers are copied into restrict-qualified locals: the uint8 mask stores could otherwise
 // alias everything reached through `rows`, and the loop would reload it per element (10x).
 template <typename scalar_t>
-void epilogue_run(const Rows<scalar_t>& rows, int64_t at, int64_t col, int64_t n,
-                  const uint8_t* __restrict keep) {
+__attribute__((always_inline)) inline void epilogue_run_impl(const Rows<scalar_t>& rows,
+                                                             int64_t at, int64_t col, int64_t n,
+                                                             const uint8_t* __restrict keep) {
   const scalar_t* __restrict src = rows.src + at;
   const scalar_t* __restrict bias = rows.bias ? rows.bias + col : nullptr;
   const scalar_t* __restrict residual = rows.residual ? rows.residual + at : nullptr;
@@ -106,6 +107,36 @@ void epilogue_run(const Rows<scalar_t>& rows, int64_t at, int64_t col, int64_t n
       dst[j] = masked(static_cast<scalar_t>(dst[j] * s), all_ones<scalar_t>(keep[j]));
     }
   }
+}
+
+// The loops above and the backward's below also compiled for AVX2 (no FMA: no product may
+// be fused with a sum, so the values stay those of the unfused ops), chosen at run time.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define BNS_PIPE_AVX2 1
+template <typename scalar_t>
+__attribute__((target("avx2"))) void epilogue_run_avx2(const Rows<scalar_t>& rows, int64_t at,
+                                                       int64_t col, int64_t n,
+                                                       const uint8_t* keep) {
+  epilogue_run_impl(rows, at, col, n, keep);
+}
+#endif
+
+bool has_avx2() {
+#ifdef BNS_PIPE_AVX2
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t>
+void epilogue_run(const Rows<scalar_t>& rows, int64_t at, int64_t col, int64_t n,
+                  const uint8_t* keep) {
+#ifdef BNS_PIPE_AVX2
+  if (has_avx2()) return epilogue_run_avx2(rows, at, col, n, keep);
+#endif
+  epilogue_run_impl(rows, at, col, n, keep);
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_epilogue_cpu(
@@ -160,16 +191,41 @@ std::tuple<at::Tensor, at::Tensor> layer_epilogue_cpu(
   return {y, mask};
 }
 
-// One row of the backward: out = mask ? g * s : 0, and out added to sums (when not null).
+// Rows [begin, end) of the backward: out = mask ? g * s : 0, and out added to sums (when
+// not null), all n_cols wide.
 template <typename scalar_t>
-void backward_row(const scalar_t* __restrict g, const uint8_t* __restrict mask,
-                  scalar_t* __restrict out, double* __restrict sums, int64_t n, scalar_t s) {
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] = mask[j] ? static_cast<scalar_t>(g[j] * s) : scalar_t(0);
+__attribute__((always_inline)) inline void backward_rows_impl(
+    const scalar_t* __restrict g, const uint8_t* __restrict mask, scalar_t* __restrict out,
+    double* __restrict sums, int64_t begin, int64_t end, int64_t n_cols, scalar_t s) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t at = r * n_cols;
+    for (int64_t j = 0; j < n_cols; ++j) {
+      const scalar_t v = static_cast<scalar_t>(g[at + j] * s);  // a bit select, not a branch
+      out[at + j] = masked(v, all_ones<scalar_t>(mask[at + j]));
+    }
+    if (sums) {
+      for (int64_t j = 0; j < n_cols; ++j) sums[j] += static_cast<double>(out[at + j]);
+    }
   }
-  if (sums) {
-    for (int64_t j = 0; j < n; ++j) sums[j] += static_cast<double>(out[j]);
-  }
+}
+
+#ifdef BNS_PIPE_AVX2
+template <typename scalar_t>
+__attribute__((target("avx2"))) void backward_rows_avx2(const scalar_t* g, const uint8_t* mask,
+                                                        scalar_t* out, double* sums,
+                                                        int64_t begin, int64_t end,
+                                                        int64_t n_cols, scalar_t s) {
+  backward_rows_impl(g, mask, out, sums, begin, end, n_cols, s);
+}
+#endif
+
+template <typename scalar_t>
+void backward_rows(const scalar_t* g, const uint8_t* mask, scalar_t* out, double* sums,
+                   int64_t begin, int64_t end, int64_t n_cols, scalar_t s) {
+#ifdef BNS_PIPE_AVX2
+  if (has_avx2()) return backward_rows_avx2(g, mask, out, sums, begin, end, n_cols, s);
+#endif
+  backward_rows_impl(g, mask, out, sums, begin, end, n_cols, s);
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_epilogue_backward_cpu(const at::Tensor& grad,
@@ -193,9 +249,7 @@ std::tuple<at::Tensor, at::Tensor> layer_epilogue_backward_cpu(const at::Tensor&
       for (int64_t blk = first; blk < last; ++blk) {
         double* sums = bias_grad ? partial.data() + blk * n_cols : nullptr;
         const int64_t end = std::min(n_rows, (blk + 1) * kRowBlock);
-        for (int64_t r = blk * kRowBlock; r < end; ++r) {
-          backward_row(g + r * n_cols, m + r * n_cols, dst + r * n_cols, sums, n_cols, s);
-        }
+        backward_rows(g, m, dst, sums, blk * kRowBlock, end, n_cols, s);
       }
     });
   });

@@ -11,6 +11,8 @@
 // keyed_dropout_rows(Tensor x, int key, Tensor row_ids, int threshold, float scale) -> Tensor
 //   x (R, C); element (r, c) uses counter row_ids[r] * C + c and becomes
 //   x[r, c] * scalar_t(scale) (computed as scalar_t) when bits >= threshold, else +0.
+// keyed_dropout_entries(Tensor values, int key, Tensor counters, int threshold, float scale)
+//   -> Tensor: the same for a flat tensor, entry i with counter counters[i] (sparse input).
 //
 // Keys and counters are int64 in the schema; their bits are read as uint64.
 #include <ATen/ATen.h>
@@ -130,6 +132,31 @@ at::Tensor keyed_dropout_rows_cpu(const at::Tensor& x, int64_t key, const at::Te
   return out;
 }
 
+at::Tensor keyed_dropout_entries_cpu(const at::Tensor& values, int64_t key,
+                                     const at::Tensor& counters, int64_t threshold,
+                                     double scale) {
+  const auto c = contiguous_counters(counters, "keyed_dropout_entries");
+  TORCH_CHECK(values.dim() == 1 && values.numel() == c.numel(),
+              "keyed_dropout_entries: values must be 1-D with one counter each");
+  const auto vc = values.contiguous();
+  auto out = at::empty_like(vc);
+  const auto* cnt = c.data_ptr<int64_t>();
+  const auto k = static_cast<uint64_t>(key);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, vc.scalar_type(), "keyed_dropout_entries", [&] {
+        const auto* src = vc.data_ptr<scalar_t>();
+        auto* dst = out.data_ptr<scalar_t>();
+        const auto s = static_cast<scalar_t>(scale);
+        at::parallel_for(0, vc.numel(), kGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const bool keep = bits(k, static_cast<uint64_t>(cnt[i])) >= threshold;
+            dst[i] = keep_or_zero(static_cast<scalar_t>(src[i] * s), keep);
+          }
+        });
+      });
+  return out;
+}
+
 }  // namespace
 }  // namespace bns_pipe
 
@@ -138,10 +165,13 @@ TORCH_LIBRARY_FRAGMENT(bns_pipe, m) {
   m.def("random_keep_mask(int key, Tensor counters, int threshold) -> Tensor");
   m.def("keyed_dropout_rows(Tensor x, int key, Tensor row_ids, int threshold, float scale) "
         "-> Tensor");
+  m.def("keyed_dropout_entries(Tensor values, int key, Tensor counters, int threshold, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bns_pipe, CPU, m) {
   m.impl("random_uniform", &bns_pipe::random_uniform_cpu);
   m.impl("random_keep_mask", &bns_pipe::random_keep_mask_cpu);
   m.impl("keyed_dropout_rows", &bns_pipe::keyed_dropout_rows_cpu);
+  m.impl("keyed_dropout_entries", &bns_pipe::keyed_dropout_entries_cpu);
 }

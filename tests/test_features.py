@@ -61,8 +61,14 @@ def test_wants_sparse() -> None:
         TrainConfig(sparse_features="yes").validate()
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 1.0])
-def test_sparse_dropout_is_the_dense_mask(p: float) -> None:
+def test_sparse_dropout_is_the_dense_mask(p: float, native: bool, monkeypatch) -> None:
+    """The stored entries take the dense mask, through the C++ op and the fallback."""
+    if not native:
+        from bns_pipe import _ext
+
+        monkeypatch.setattr(_ext, "available", lambda: False)
     x = bag_of_words(60, 37, 0.1)
     row_ids = torch.randperm(1000)[:60]  # global ids of a rank's rows
     csr = prepare_features(x, normalize=False, sparse=True)

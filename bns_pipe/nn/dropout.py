@@ -109,6 +109,10 @@ def keyed_dropout_csr(x: CSR, p: float, key: int, row_ids: Tensor) -> CSR:
 def _drop_entries(values: Tensor, counters: Tensor, key: int, p: float) -> Tensor:
     """Stored entries with mask counters ``counters``: kept and scaled, or zeroed, as
     :func:`keyed_dropout` does."""
+    if has_ext_kernel("keyed_dropout_entries", values.device):  # one pass, the same bits
+        return _ext.ops().keyed_dropout_entries(
+            values, to_int64(key), counters, threshold(p), dropout_scale(p)
+        )
     scaled = values * torch.tensor(dropout_scale(p), dtype=values.dtype)
     return scaled.masked_fill_(keep_mask(key, counters, p), 0)
 
