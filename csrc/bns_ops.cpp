@@ -36,9 +36,7 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define BNS_PIPE_AVX2 1
-#endif
+#include "cpu_features.h"
 
 namespace bns_pipe {
 namespace {
@@ -272,18 +270,13 @@ __attribute__((target("avx2"))) void scatter_columns_avx2(const scalar_t* src, c
                                                           scalar_t s, int64_t f0, int64_t f1) {
   scatter_columns(src, id, dst, m, F, s, f0, f1);
 }
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
 #endif
 
 template <typename scalar_t>
 void pack_range_best(const scalar_t* src, const int64_t* id, scalar_t* dst, int64_t F, scalar_t s,
                      int64_t begin, int64_t end) {
 #ifdef BNS_PIPE_AVX2
-  if (has_avx2()) return pack_range_avx2(src, id, dst, F, s, begin, end);
+  if (cpu_has_avx2()) return pack_range_avx2(src, id, dst, F, s, begin, end);
 #endif
   pack_range(src, id, dst, F, s, begin, end);
 }
@@ -292,7 +285,7 @@ template <typename scalar_t>
 void scatter_columns_best(const scalar_t* src, const int64_t* id, scalar_t* dst, int64_t m,
                           int64_t F, scalar_t s, int64_t f0, int64_t f1) {
 #ifdef BNS_PIPE_AVX2
-  if (has_avx2()) return scatter_columns_avx2(src, id, dst, m, F, s, f0, f1);
+  if (cpu_has_avx2()) return scatter_columns_avx2(src, id, dst, m, F, s, f0, f1);
 #endif
   scatter_columns(src, id, dst, m, F, s, f0, f1);
 }

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
 #include "keep_flags.h"
 
 #include <algorithm>
@@ -111,8 +112,7 @@ __attribute__((always_inline)) inline void epilogue_run_impl(const Rows<scalar_t
 
 // The loops above and the backward's below also compiled for AVX2 (no FMA: no product may
 // be fused with a sum, so the values stay those of the unfused ops), chosen at run time.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define BNS_PIPE_AVX2 1
+#ifdef BNS_PIPE_AVX2
 template <typename scalar_t>
 __attribute__((target("avx2"))) void epilogue_run_avx2(const Rows<scalar_t>& rows, int64_t at,
                                                        int64_t col, int64_t n,
@@ -121,20 +121,11 @@ __attribute__((target("avx2"))) void epilogue_run_avx2(const Rows<scalar_t>& row
 }
 #endif
 
-bool has_avx2() {
-#ifdef BNS_PIPE_AVX2
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-#else
-  return false;
-#endif
-}
-
 template <typename scalar_t>
 void epilogue_run(const Rows<scalar_t>& rows, int64_t at, int64_t col, int64_t n,
                   const uint8_t* keep) {
 #ifdef BNS_PIPE_AVX2
-  if (has_avx2()) return epilogue_run_avx2(rows, at, col, n, keep);
+  if (cpu_has_avx2()) return epilogue_run_avx2(rows, at, col, n, keep);
 #endif
   epilogue_run_impl(rows, at, col, n, keep);
 }
@@ -223,7 +214,7 @@ template <typename scalar_t>
 void backward_rows(const scalar_t* g, const uint8_t* mask, scalar_t* out, double* sums,
                    int64_t begin, int64_t end, int64_t n_cols, scalar_t s) {
 #ifdef BNS_PIPE_AVX2
-  if (has_avx2()) return backward_rows_avx2(g, mask, out, sums, begin, end, n_cols, s);
+  if (cpu_has_avx2()) return backward_rows_avx2(g, mask, out, sums, begin, end, n_cols, s);
 #endif
   backward_rows_impl(g, mask, out, sums, begin, end, n_cols, s);
 }

@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
 #include "gat.h"
 #include "row_ranges.h"
 
@@ -67,7 +68,7 @@ int64_t parts_for(const Attention<scalar_t>& a, int64_t work) {
 }
 
 // fn(), compiled for AVX2 + FMA when the CPU has them (flatten inlines the kernel into it).
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef BNS_PIPE_AVX2
 template <typename Fn>
 __attribute__((target("avx2,fma"), flatten)) void run_avx2(const Fn& fn) {
   fn();
@@ -76,9 +77,8 @@ __attribute__((target("avx2,fma"), flatten)) void run_avx2(const Fn& fn) {
 
 template <typename Fn>
 void run_best(const Fn& fn) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx2) return run_avx2(fn);
+#ifdef BNS_PIPE_AVX2
+  if (cpu_has_avx2_fma()) return run_avx2(fn);
 #endif
   fn();
 }

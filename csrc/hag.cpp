@@ -84,15 +84,6 @@ __attribute__((target("avx2,fma"))) void pairs_backward_avx2(scalar_t* t, const 
 }
 #endif
 
-bool use_avx2() {
-#ifdef BNS_PIPE_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
-
 at::Tensor hag_product_cpu(const at::Tensor& x, const at::Tensor& inputs, const at::Tensor& weights,
                            const at::Tensor& indptr, const at::Tensor& indices,
                            const at::Tensor& values) {
@@ -118,7 +109,7 @@ at::Tensor hag_product_cpu(const at::Tensor& x, const at::Tensor& inputs, const 
     const scalar_t* w = weights.data_ptr<scalar_t>();
     at::parallel_for(0, F, kGrainColumns, [&](int64_t c0, int64_t c1) {
 #ifdef BNS_PIPE_AVX2
-      if (use_avx2()) return pairs_forward_avx2(xp, ap, in, w, n, m, F, c0, c1);
+      if (cpu_has_avx2_fma()) return pairs_forward_avx2(xp, ap, in, w, n, m, F, c0, c1);
 #endif
       pairs_forward(xp, ap, in, w, n, m, F, c0, c1);
     });
@@ -141,7 +132,7 @@ void hag_pairs_backward_cpu(at::Tensor table, const at::Tensor& inputs, const at
     const scalar_t* w = weights.data_ptr<scalar_t>();
     at::parallel_for(0, F, kGrainColumns, [&](int64_t c0, int64_t c1) {
 #ifdef BNS_PIPE_AVX2
-      if (use_avx2()) return pairs_backward_avx2(t, in, w, n, m, F, c0, c1);
+      if (cpu_has_avx2_fma()) return pairs_backward_avx2(t, in, w, n, m, F, c0, c1);
 #endif
       pairs_backward(t, in, w, n, m, F, c0, c1);
     });

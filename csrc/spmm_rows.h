@@ -14,14 +14,11 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu_features.h"
 #include "row_ranges.h"
 
 #include <algorithm>
 #include <cstdint>
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define BNS_PIPE_AVX2 1
-#endif
 
 namespace bns_pipe {
 
@@ -87,8 +84,7 @@ __attribute__((target("avx2,fma"))) void spmm_rows_avx2(const SpmmArgs<scalar_t>
 template <typename scalar_t, bool kValues, bool kTail>
 void spmm_rows_best(const SpmmArgs<scalar_t>& a, int64_t begin, int64_t end) {
 #ifdef BNS_PIPE_AVX2
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx2) return spmm_rows_avx2<scalar_t, kValues, kTail>(a, begin, end);
+  if (cpu_has_avx2_fma()) return spmm_rows_avx2<scalar_t, kValues, kTail>(a, begin, end);
 #endif
   spmm_rows<scalar_t, kValues, kTail>(a, begin, end);
 }
