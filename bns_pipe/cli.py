@@ -125,10 +125,10 @@ def _add_partitioning_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from bns_pipe.train.config import config_from_args
-    from bns_pipe.train.launch import run_worker
+    from bns_pipe.train.launch import run_here_or_launch, run_worker
 
     config = config_from_args(args)
-    return _run_ranks("train", args, argv, config, lambda: run_worker(config))
+    return run_here_or_launch("train", args, argv, config, lambda: run_worker(config))
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,62 +150,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from bns_pipe.train.config import config_from_args
-    from bns_pipe.train.launch import evaluate_checkpoint
+    from bns_pipe.train.launch import evaluate_checkpoint, run_here_or_launch
 
     config = config_from_args(args)
-    return _run_ranks(
+    return run_here_or_launch(
         "eval", args, argv, config, lambda: evaluate_checkpoint(args.checkpoint, config)
     )
-
-
-def _run_ranks(command, args, argv, config, work: Callable[[], object]) -> int:
-    """Run ``work`` here (under torchrun, or for one rank) or launch the workers."""
-    from bns_pipe.data import dataset_spec_from_args
-    from bns_pipe.train.launch import (
-        SHARED_CHECKPOINTS_NEEDED,
-        Launch,
-        cached_partition,
-        launch_workers,
-        under_torchrun,
-    )
-
-    if under_torchrun():
-        if config.partition_dir is None:
-            raise ConfigError("under torchrun, pass --partition-dir (made by `bns-pipe partition`)")
-        work()
-        return 0
-    if args.max_restarts < 0 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-        raise ConfigError("need --max-restarts >= 0, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
-    if args.max_restarts and args.nnodes > 1 and not getattr(config, "checkpoint_dir", None):
-        raise ConfigError(SHARED_CHECKPOINTS_NEEDED)
-    if config.partition_dir is None:
-        spec = dataset_spec_from_args(args)
-        config.partition_dir = cached_partition(
-            spec, args.parts, args.method, args.partition_seed, args.root, args.partition_obj
-        )
-        argv = [*argv, "--partition-dir", config.partition_dir]
-    args.partition_dir = config.partition_dir
-    nprocs = args.nprocs or _num_parts(config.partition_dir) // args.nnodes
-    single = args.nnodes == 1 and args.max_restarts == 0
-    if nprocs == 1 and single:
-        work()
-        return 0
-    launch = Launch(
-        nprocs,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        rdzv_endpoint=args.rdzv_endpoint,
-        rdzv_id=args.rdzv_id,
-        max_restarts=args.max_restarts,
-        timeout=config.timeout,
-    )
-    return launch_workers(launch, [command, *argv])
-
-
-def _num_parts(directory: str) -> int:
-    from bns_pipe.partition import read_manifest
-
-    return int(read_manifest(directory)["num_parts"])
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,13 +7,14 @@ process runs :func:`run_worker`. ``bns-pipe train --dataset NAME --parts K`` par
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bns_pipe.errors import BnsPipeError, ConfigError
@@ -237,6 +238,52 @@ def launch_workers(launch: Launch, worker_args: Sequence[str]) -> int:
             "--checkpoint-dir was given (continue with --resume)"
         ) from None
     return 0
+
+
+def run_here_or_launch(
+    command: str,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    config: TrainConfig,
+    work: Callable[[], object],
+) -> int:
+    """``bns-pipe train|eval``: run ``work`` in this process (under torchrun, or for one
+    local rank) or start the workers with ``python -m bns_pipe COMMAND ARGV``, partitioning
+    the dataset first (cached) when no ``--partition-dir`` was given."""
+    from bns_pipe.data import dataset_spec_from_args
+    from bns_pipe.partition import read_manifest
+
+    if under_torchrun():
+        if config.partition_dir is None:
+            raise ConfigError("under torchrun, pass --partition-dir (made by `bns-pipe partition`)")
+        work()
+        return 0
+    if args.max_restarts < 0 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError("need --max-restarts >= 0, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
+    if args.max_restarts and args.nnodes > 1 and not getattr(config, "checkpoint_dir", None):
+        raise ConfigError(SHARED_CHECKPOINTS_NEEDED)
+    if config.partition_dir is None:
+        spec = dataset_spec_from_args(args)
+        config.partition_dir = cached_partition(
+            spec, args.parts, args.method, args.partition_seed, args.root, args.partition_obj
+        )
+        argv = [*argv, "--partition-dir", config.partition_dir]
+    args.partition_dir = config.partition_dir
+    parts = int(read_manifest(config.partition_dir)["num_parts"])
+    nprocs = args.nprocs or parts // args.nnodes
+    if nprocs == 1 and args.nnodes == 1 and args.max_restarts == 0:
+        work()
+        return 0
+    launch = Launch(
+        nprocs,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts,
+        timeout=config.timeout,
+    )
+    return launch_workers(launch, [command, *argv])
 
 
 def _failures(exc) -> str:
