@@ -1,16 +1,22 @@
 // HAG's greedy pair merging (bns_pipe/hooks/redundancy.py: merge_shared_pairs), the same
 // algorithm step for step, so both give the same hierarchy:
 //
-//   covers[i] = the neighbours of row i (indptr, indices: a 0/1 matrix (n, n));
-//   holders[(g, u, v)] = the rows of group g whose covers hold both u < v;
-//   repeatedly take the key with the most holders (ties: the smallest (g, u, v)), give the
-//   pair (u, v) an aggregation node (a new one, id n + m, while m < capacity, or the one an
-//   earlier group made), and in every holder replace u and v by it, updating the counts.
+//   each group (at most 64 rows: holders are a bit mask) on its own, in parallel:
+//     covers[i] = the neighbours of row i (indptr, indices: a 0/1 matrix (n, n));
+//     holders[(u, v)] = the group's rows whose covers hold both u < v;
+//     repeatedly take the pair with the most holders (ties: the smallest (u, v)), make it an
+//     aggregation node and put the node in place of u and v in every holder;
+//   taken by (count descending, group, step), a merge whose inputs were made (or are
+//   nodes) reuses the node of its pair (u, v) of global ids if one exists, else gets the
+//   next id n, n + 1, ... while fewer than `capacity` exist, else is not made;
+//   then each node, in id order, takes the place of its pair in every cover (of any row)
+//   holding both: the leaves stay each row's neighbours, and a node made in one island
+//   serves every row that holds its pair.
 //
 // Returns (pairs (m, 2), levels (m,) with level(node) = 1 + max(level(u), level(v)), the
-// covers as CSR (indptr (n + 1), indices) with each row ascending). Single-threaded: the
-// merges depend on each other.
+// covers as CSR (indptr (n + 1), indices) with each row ascending).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,28 +29,77 @@
 namespace bns_pipe {
 namespace {
 
-using Key = std::tuple<int64_t, int64_t, int64_t>;  // (group, u, v), u < v
+constexpr int64_t kGroupRows = 64;
 
-struct KeyHash {
-  size_t operator()(const Key& k) const {
-    uint64_t h = static_cast<uint64_t>(std::get<0>(k)) * 0x9E3779B97F4A7C15ull;
-    h ^= static_cast<uint64_t>(std::get<1>(k)) + 0x7F4A7C159E3779B9ull + (h << 6) + (h >> 2);
-    h ^= static_cast<uint64_t>(std::get<2>(k)) + 0x94D049BB133111EBull + (h << 6) + (h >> 2);
-    return static_cast<size_t>(h);
+// Open addressing map (u, v) -> holder mask; keys never leave (a mask may become 0).
+class PairMasks {
+ public:
+  void reset(size_t expected) {
+    size_t size = 16;
+    while (size < 2 * expected) size <<= 1;
+    keys_.assign(size, kEmpty);
+    masks_.assign(size, 0);
+    used_ = 0;
   }
+  uint64_t& at(uint64_t key) {
+    if (2 * (used_ + 1) > keys_.size()) grow();
+    size_t slot = find(key);
+    if (keys_[slot] == kEmpty) {
+      keys_[slot] = key;
+      ++used_;
+    }
+    return masks_[slot];
+  }
+  uint64_t get(uint64_t key) const {
+    const size_t slot = find(key);
+    return keys_[slot] == kEmpty ? 0 : masks_[slot];
+  }
+  template <typename Fn>
+  void for_each(const Fn& fn) const {
+    for (size_t s = 0; s < keys_.size(); ++s)
+      if (keys_[s] != kEmpty) fn(keys_[s], masks_[s]);
+  }
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t(0);
+  size_t find(uint64_t key) const {
+    const size_t mask = keys_.size() - 1;
+    size_t slot = static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> 17) & mask;
+    while (keys_[slot] != kEmpty && keys_[slot] != key) slot = (slot + 1) & mask;
+    return slot;
+  }
+  void grow() {
+    std::vector<uint64_t> keys = std::move(keys_), masks = std::move(masks_);
+    keys_.assign(keys.size() * 2, kEmpty);
+    masks_.assign(keys.size() * 2, 0);
+    for (size_t s = 0; s < keys.size(); ++s)
+      if (keys[s] != kEmpty) {
+        const size_t slot = find(keys[s]);
+        keys_[slot] = keys[s];
+        masks_[slot] = masks[s];
+      }
+  }
+  std::vector<uint64_t> keys_, masks_;
+  size_t used_ = 0;
+};
+
+uint64_t pair_key(int64_t a, int64_t b) {
+  const auto lo = static_cast<uint64_t>(std::min(a, b)), hi = static_cast<uint64_t>(std::max(a, b));
+  return (lo << 32) | hi;
+}
+
+struct Merge {
+  int64_t u, v, count;  // u, v: a node id < n or n + this group's step
 };
 
 struct Entry {
   int64_t count;
-  Key key;
-  // priority_queue pops the largest: more holders first, then the smallest key
-  bool operator<(const Entry& other) const {
+  uint64_t key;
+  bool operator<(const Entry& other) const {  // pops more holders first, then the smaller key
     if (count != other.count) return count < other.count;
     return key > other.key;
   }
 };
-
-Key ordered(int64_t g, int64_t a, int64_t b) { return a < b ? Key{g, a, b} : Key{g, b, a}; }
 
 void erase_value(std::vector<int64_t>& values, int64_t value) {
   auto it = std::find(values.begin(), values.end(), value);
@@ -52,6 +107,69 @@ void erase_value(std::vector<int64_t>& values, int64_t value) {
     *it = values.back();
     values.pop_back();
   }
+}
+
+// The greedy of one group of rows: its merges, at most `limit`.
+std::vector<Merge> group_merges(const int64_t* indptr, const int64_t* indices, int64_t n,
+                                const int64_t* rows, int64_t n_rows, int64_t limit,
+                                PairMasks& holders) {
+  std::vector<std::vector<int64_t>> covers(n_rows);
+  size_t expected = 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    covers[r].assign(indices + indptr[rows[r]], indices + indptr[rows[r] + 1]);
+    std::sort(covers[r].begin(), covers[r].end());
+    covers[r].erase(std::unique(covers[r].begin(), covers[r].end()), covers[r].end());
+    expected += covers[r].size() * covers[r].size() / 2;
+  }
+  holders.reset(expected);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const auto& c = covers[r];
+    for (size_t a = 0; a < c.size(); ++a)
+      for (size_t b = a + 1; b < c.size(); ++b) holders.at(pair_key(c[a], c[b])) |= 1ull << r;
+  }
+  std::priority_queue<Entry> heap;
+  holders.for_each([&](uint64_t key, uint64_t mask) {
+    const int64_t count = __builtin_popcountll(mask);
+    if (count > 1) heap.push({count, key});
+  });
+  std::vector<Merge> merges;
+  std::vector<int64_t> touched;
+  while (!heap.empty() && static_cast<int64_t>(merges.size()) < limit) {
+    const Entry top = heap.top();
+    heap.pop();
+    const uint64_t mask = holders.get(top.key);
+    const int64_t count = __builtin_popcountll(mask);
+    if (count != top.count) {  // stale: push its current count back
+      if (count > 1) heap.push({count, top.key});
+      continue;
+    }
+    const auto u = static_cast<int64_t>(top.key >> 32), v = static_cast<int64_t>(top.key & 0xFFFFFFFFu);
+    const int64_t node = n + static_cast<int64_t>(merges.size());
+    merges.push_back({u, v, count});
+    holders.at(top.key) = 0;
+    touched.clear();
+    for (uint64_t bits = mask; bits; bits &= bits - 1) {
+      const int r = __builtin_ctzll(bits);
+      auto& cover = covers[r];
+      erase_value(cover, u);
+      erase_value(cover, v);
+      for (const int64_t w : cover) {
+        holders.at(pair_key(u, w)) &= ~(1ull << r);
+        holders.at(pair_key(v, w)) &= ~(1ull << r);
+        holders.at(pair_key(w, node)) |= 1ull << r;
+        touched.push_back(w);
+      }
+      cover.push_back(node);
+    }
+    std::sort(touched.begin(), touched.end());
+    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    for (const int64_t w : touched) {
+      const uint64_t key = pair_key(w, node);
+      const int64_t size = __builtin_popcountll(holders.get(key));
+      if (size > 1) heap.push({size, key});
+    }
+  }
+  return merges;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_shared_pairs_cpu(
@@ -67,81 +185,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_shared_pairs_cp
   const int64_t* gptr = gptr_c.data_ptr<int64_t>();
   const int64_t* grows = grows_c.data_ptr<int64_t>();
   const int64_t n = indptr_c.numel() - 1, groups = gptr_c.numel() - 1;
+  TORCH_CHECK(n < (int64_t(1) << 31) && capacity >= 0, "merge_shared_pairs: n < 2^31, capacity >= 0");
+  std::vector<uint8_t> grouped(n, 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(gptr[g + 1] - gptr[g] <= kGroupRows, "merge_shared_pairs: a group of more than 64 rows");
+    for (int64_t r = gptr[g]; r < gptr[g + 1]; ++r) {
+      TORCH_CHECK(grows[r] >= 0 && grows[r] < n && !grouped[grows[r]],
+                  "merge_shared_pairs: group rows must be distinct row ids");
+      grouped[grows[r]] = 1;
+    }
+  }
 
+  std::vector<std::vector<Merge>> merges(groups);
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    PairMasks holders;
+    for (int64_t g = begin; g < end; ++g)
+      merges[g] = group_merges(indptr, indices, n, grows + gptr[g], gptr[g + 1] - gptr[g],
+                               capacity, holders);
+  });
+  // the first `capacity` merges by (count descending, group, step)
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> all;
+  for (int64_t g = 0; g < groups; ++g)
+    for (size_t j = 0; j < merges[g].size(); ++j)
+      all.emplace_back(-merges[g][j].count, g, static_cast<int64_t>(j));
+  std::sort(all.begin(), all.end());
+  std::vector<std::vector<int64_t>> id(groups);  // group, step -> node id, -1: not made
+  std::unordered_map<uint64_t, int64_t> made;      // (u, v) -> node id
+  std::vector<int64_t> pairs, level;
+  auto global = [&](int64_t g, int64_t ref) { return ref < n ? ref : id[g][ref - n]; };
+  auto level_of = [&](int64_t node) { return node < n ? int64_t(0) : level[node - n]; };
+  for (const auto& [negative, g, j] : all) {  // a group's earlier steps are decided
+    const Merge& merge = merges[g][j];
+    const int64_t u = global(g, merge.u), v = global(g, merge.v);
+    int64_t node = -1;
+    if (u >= 0 && v >= 0) {
+      const auto known = made.find(pair_key(u, v));
+      if (known != made.end()) {
+        node = known->second;
+      } else if (static_cast<int64_t>(level.size()) < capacity) {
+        node = n + static_cast<int64_t>(level.size());
+        made.emplace(pair_key(u, v), node);
+        pairs.push_back(std::min(u, v));
+        pairs.push_back(std::max(u, v));
+        level.push_back(1 + std::max(level_of(u), level_of(v)));
+      }
+    }
+    id[g].push_back(node);
+  }
   std::vector<std::vector<int64_t>> covers(n);
   for (int64_t i = 0; i < n; ++i) {
     covers[i].assign(indices + indptr[i], indices + indptr[i + 1]);
     std::sort(covers[i].begin(), covers[i].end());
     covers[i].erase(std::unique(covers[i].begin(), covers[i].end()), covers[i].end());
   }
-  std::unordered_map<Key, std::vector<int64_t>, KeyHash> holders;
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t r = gptr[g]; r < gptr[g + 1]; ++r) {
-      const int64_t dest = grows[r];
-      const auto& members = covers[dest];
-      for (size_t a = 0; a < members.size(); ++a)
-        for (size_t b = a + 1; b < members.size(); ++b)
-          holders[Key{g, members[a], members[b]}].push_back(dest);
-    }
-  }
-  std::priority_queue<Entry> heap;
-  for (const auto& [key, rows] : holders)
-    if (rows.size() > 1) heap.push({static_cast<int64_t>(rows.size()), key});
-
-  std::unordered_map<uint64_t, int64_t> made;  // (u, v) → node id
-  auto pair_id = [](int64_t u, int64_t v) {
-    return (static_cast<uint64_t>(u) << 32) ^ static_cast<uint64_t>(v);
+  // every node, in id order, takes the place of its pair in every row holding both
+  const int64_t m = static_cast<int64_t>(level.size());
+  std::vector<int64_t> t_ptr(n + 1, 0), t_rows(indptr[n]);
+  for (int64_t e = 0; e < indptr[n]; ++e) ++t_ptr[indices[e] + 1];
+  for (int64_t i = 0; i < n; ++i) t_ptr[i + 1] += t_ptr[i];
+  std::vector<int64_t> fill(t_ptr.begin(), t_ptr.end() - 1);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) t_rows[fill[indices[e]]++] = i;
+  std::vector<std::vector<int64_t>> node_rows(m);
+  auto candidates = [&](int64_t x) {  // a superset of the rows whose covers hold x
+    return x < n ? std::vector<int64_t>(t_rows.begin() + t_ptr[x], t_rows.begin() + t_ptr[x + 1])
+                 : node_rows[x - n];
   };
-  std::vector<int64_t> pairs, level;
-  auto level_of = [&](int64_t node) { return node < n ? int64_t(0) : level[node - n]; };
-  while (!heap.empty()) {
-    const Entry top = heap.top();
-    heap.pop();
-    auto found = holders.find(top.key);
-    const int64_t current = found == holders.end() ? 0 : static_cast<int64_t>(found->second.size());
-    if (current != top.count) {  // stale: push its current count back
-      if (current > 1) heap.push({current, top.key});
-      continue;
-    }
-    const auto [g, u, v] = top.key;
-    int64_t node;
-    auto known = made.find(pair_id(u, v));
-    if (known != made.end()) {
-      node = known->second;
-    } else {
-      if (static_cast<int64_t>(pairs.size()) / 2 >= capacity) continue;
-      node = n + static_cast<int64_t>(pairs.size()) / 2;
-      made[pair_id(u, v)] = node;
-      pairs.push_back(u);
-      pairs.push_back(v);
-      level.push_back(1 + std::max(level_of(u), level_of(v)));
-    }
-    const std::vector<int64_t> shared = std::move(found->second);
-    holders.erase(found);
-    std::vector<Key> touched;
-    for (const int64_t dest : shared) {
-      auto& cover = covers[dest];
+  auto holds = [](const std::vector<int64_t>& cover, int64_t x) {
+    return std::find(cover.begin(), cover.end(), x) != cover.end();
+  };
+  for (int64_t k = 0; k < m; ++k) {
+    const int64_t u = pairs[2 * k], v = pairs[2 * k + 1];
+    const std::vector<int64_t> a = candidates(u), b = candidates(v);
+    for (const int64_t r : a.size() <= b.size() ? a : b) {
+      auto& cover = covers[r];
+      if (!holds(cover, u) || !holds(cover, v)) continue;
       erase_value(cover, u);
       erase_value(cover, v);
-      for (const int64_t w : cover) {
-        auto uw = holders.find(ordered(g, u, w));
-        if (uw != holders.end()) erase_value(uw->second, dest);
-        auto vw = holders.find(ordered(g, v, w));
-        if (vw != holders.end()) erase_value(vw->second, dest);
-        const Key fresh = ordered(g, w, node);
-        holders[fresh].push_back(dest);
-        touched.push_back(fresh);
-      }
-      cover.push_back(node);
-    }
-    std::sort(touched.begin(), touched.end());
-    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
-    for (const Key& key : touched) {
-      const auto size = static_cast<int64_t>(holders[key].size());
-      if (size > 1) heap.push({size, key});
+      cover.push_back(n + k);
+      node_rows[k].push_back(r);
     }
   }
-  const int64_t m = static_cast<int64_t>(level.size());
   at::Tensor out_pairs = at::empty({m, 2}, indptr_c.options());
   std::copy(pairs.begin(), pairs.end(), out_pairs.data_ptr<int64_t>());
   at::Tensor out_level = at::empty({m}, indptr_c.options());

@@ -46,10 +46,11 @@ def test_islands_cover_every_node_once_and_the_renumbering_is_local(
         hook = IslandHook(**options)
         new = hook.on_graph(part)
         found = hook.found
-        members = [node for island in found.islands for node in island]
-        assert sorted(found.hubs + members) == list(range(part.n_inner))
-        assert not set(found.hubs) & set(members)
-        assert max(map(len, found.islands)) <= int(options.get("max_island", 64))
+        islands, hubs = found.islands(), found.hubs.tolist()
+        members = [node for island in islands for node in island]
+        assert sorted(hubs + members) == list(range(part.n_inner))
+        assert not set(hubs) & set(members)
+        assert max(map(len, islands)) <= int(options.get("max_island", 64))
         assert torch.equal(torch.sort(found.order)[0], torch.arange(part.n_inner))
         assert not torch.equal(found.order, torch.arange(part.n_inner))  # it does move nodes
         assert _edges(new) == _edges(part)
@@ -68,7 +69,7 @@ def test_islands_cover_every_node_once_and_the_renumbering_is_local(
             columns = new.indices[new.indptr[row] : new.indptr[row + 1]]
             assert torch.equal(columns, torch.sort(columns)[0])
         report = hook.report()
-        assert report["islands"] == len(found.islands) and report["hubs"] == len(found.hubs)
+        assert report["islands"] == len(islands) and report["hubs"] == len(hubs)
         assert report["pruned_fraction"] == 0.0 and report["rank"] == rank
 
 
@@ -81,7 +82,7 @@ def test_islands_are_found_in_a_path_and_a_star() -> None:
     indptr = torch.cat([torch.tensor([0, 8]), 8 + torch.arange(1, 9)])
     indices = torch.cat([leaves, torch.zeros(8, dtype=torch.int64)])
     found = find_islands(indptr, indices, None, 64)
-    assert found.hubs == [0] and found.islands == [[i] for i in range(1, 9)]
+    assert found.hubs.tolist() == [0] and found.islands() == [[i] for i in range(1, 9)]
     assert found.order.tolist() == list(range(9))
     src = torch.arange(9)
     row = torch.cat([src, src + 1])
@@ -89,7 +90,40 @@ def test_islands_are_found_in_a_path_and_a_star() -> None:
     order = torch.argsort(row * 10 + col)
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(row).cumsum(0)])
     found = find_islands(indptr, col[order], 100, 4)
-    assert found.hubs == [] and found.islands == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert found.hubs.tolist() == [] and found.islands() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def _groups(groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of rows as (group_ptr, group_rows)."""
+    sizes = torch.tensor([0] + [len(group) for group in groups])
+    return sizes.cumsum(0), torch.tensor([r for group in groups for r in group], dtype=torch.int64)
+
+
+@pytest.mark.parametrize(("hub_degree", "max_island"), [(None, 64), (None, 3), (2, 8), (50, 1)])
+def test_island_search_in_cpp_equals_the_fallback(monkeypatch, hub_degree, max_island) -> None:
+    """``csrc/islands.cpp`` finds the fallback's hubs, islands and order on a random graph
+    with hubs (a few nodes joined to many), isolated nodes and several components."""
+    from bns_pipe import _ext
+    from bns_pipe.hooks.island import find_islands
+
+    if not _ext.available():
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(5)
+    n = 400
+    src, dst = torch.randint(0, n - 20, (2, 900), generator=gen)  # the last 20 isolated
+    hubs = torch.randint(0, 5, (300,), generator=gen)
+    src, dst = torch.cat([src, hubs]), torch.cat([dst, torch.randint(0, n - 20, (300,))])
+    dense = torch.zeros(n, n, dtype=torch.bool)
+    dense[src, dst] = dense[dst, src] = True
+    dense.fill_diagonal_(False)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), dense.sum(1).cumsum(0)])
+    indices = dense.nonzero()[:, 1]
+    native = find_islands(indptr, indices, hub_degree, max_island)
+    monkeypatch.setattr(_ext, "available", lambda: False)
+    fallback = find_islands(indptr, indices, hub_degree, max_island)
+    for field in ("hubs", "island_ptr", "island_nodes", "order"):
+        assert torch.equal(getattr(native, field), getattr(fallback, field)), field
+    assert native.num_islands > 20 and (hub_degree == 50 or native.hubs.numel() > 0)
 
 
 ISLANDS = "island:max_island=4,redundancy=on"
@@ -116,14 +150,14 @@ def test_aggregation_nodes_in_cpp_equal_the_fallback(monkeypatch, dtype) -> None
     dense = ((dense + dense.T + torch.eye(n, dtype=torch.int64)) > 0).to(torch.int64)
     columns = dense.nonzero()[:, 1]
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), dense.sum(1).cumsum(0)])
-    groups = [list(range(i, min(i + 30, n))) for i in range(0, n, 30)]
-    hierarchy = merge_shared_pairs(indptr, columns, groups, n)
+    groups = _groups([list(range(i, min(i + 30, n))) for i in range(0, n, 30)])
+    hierarchy = merge_shared_pairs(indptr, columns, *groups, n)
     assert len(hierarchy.levels) > 1  # aggregates of aggregates
     for capacity in (n, 40):  # the greedy in C++ makes the fallback's hierarchy
-        native = merge_shared_pairs(indptr, columns, groups, capacity)
+        native = merge_shared_pairs(indptr, columns, *groups, capacity)
         with monkeypatch.context() as patch:
             patch.setattr(_ext, "available", lambda: False)
-            fallback = merge_shared_pairs(indptr, columns, groups, capacity)
+            fallback = merge_shared_pairs(indptr, columns, *groups, capacity)
         assert torch.equal(native.pairs, fallback.pairs)
         assert torch.equal(native.cover.indptr, fallback.cover.indptr)
         assert torch.equal(native.cover.indices, fallback.cover.indices)
@@ -163,13 +197,21 @@ def test_shared_pairs_are_summed_once_and_covers_stay_the_neighbour_sets(parts: 
     from bns_pipe.hooks.redundancy import merge_shared_pairs, plain_additions
 
     indptr = torch.tensor([0, 3, 6, 9])
-    triangle = merge_shared_pairs(indptr, torch.tensor([0, 1, 2] * 3), [[0, 1, 2]], 10)
+    triangle = merge_shared_pairs(indptr, torch.tensor([0, 1, 2] * 3), *_groups([[0, 1, 2]]), 10)
     assert triangle.pairs.tolist() == [[0, 1], [2, 3]] and triangle.additions() == 2
     assert plain_additions(indptr) == 6 and [len(lv) for lv in triangle.levels] == [1, 1]
+    # a node made for one group's rows serves a row outside it (row 3 holds 2 and 3 too)
+    indptr, columns = torch.tensor([0, 2, 4, 5, 8]), torch.tensor([2, 3, 2, 3, 0, 1, 2, 3])
+    shared = merge_shared_pairs(indptr, columns, *_groups([[0, 1]]), 10)
+    assert shared.pairs.tolist() == [[2, 3]] and shared.cover.indices[-2:].tolist() == [1, 4]
+    assert shared.additions() == 2 and plain_additions(indptr) == 4
     hook = IslandHook(max_island="8", redundancy="on")
     part = hook.on_graph(load_partition(parts, 0))
     indptr, indices = inner_pattern(part, self_loops=True)
-    hierarchy = merge_shared_pairs(indptr, indices, hook.found.islands, part.n_inner)
+    islands = _groups(hook.found.islands())  # in old ids: renumber them
+    position = torch.empty_like(hook.found.order)
+    position[hook.found.order] = torch.arange(part.n_inner)
+    hierarchy = merge_shared_pairs(indptr, indices, islands[0], position[islands[1]], part.n_inner)
     assert hierarchy.pairs.shape[0] > 0
     leaves = [[i] for i in range(part.n_inner)]
     for u, v in hierarchy.pairs.tolist():

@@ -9,7 +9,8 @@ together, and the neighbours they share, sit together in memory:
   ``hub_degree``, auto: max(4, ⌈4 · mean degree⌉)); for each new hub in id order, a
   breadth-first search from each of its unclassified neighbours, over unclassified nodes,
   grows an island of at most ``max_island`` nodes (hubs stop the search; those it touches
-  are the island's hubs); T_{r+1} = T_r / 2, while T_r >= max(2, ⌈mean degree⌉);
+  are the island's hubs); T_{r+1} = T_r / 2, while T_r >= max(2, ⌈mean degree⌉) (the
+  first round always runs);
 - the nodes no hub reached form islands the same way from the lowest unclassified id.
 
 The new order is hub by hub: each hub, then the islands grown from it, each in search order
@@ -21,12 +22,13 @@ computes the same (to float summation order). Islands and order are deterministi
 
 Redundancy (``redundancy=auto|on|off``, ``capacity=auto|N``): the inner aggregation of the
 kind the model uses runs through :mod:`bns_pipe.hooks.redundancy`, the neighbour pairs shared
-within each island (and among the hubs) summed once (at most ``capacity`` aggregation nodes,
-auto: n_inner / 16: each costs a row written and read back, and on CPUs only the most
-shared pairs pay); ``auto`` keeps the graph's own product where that removes under 2% of
-the additions or where a timed product on the first input is not faster (the report says
-so). The halo block keeps its
-path, so BNS and the pipeline work unchanged. Built on the first product.
+by the rows of an island summed once (at most ``capacity`` aggregation nodes, auto:
+n_inner / 16: each costs a row written and read back, and on CPUs only the most shared
+pairs pay). Hub rows keep their neighbour lists: their pair counts grow with the square of
+a hub's degree, and they are a few percent of the additions pruned. ``auto`` keeps the
+graph's own product where that removes under 2% of the additions or where a timed product
+on the first input is not faster (the report says so). The halo block keeps its path, so
+BNS and the pipeline work unchanged. Built on the first product.
 
 Report: ``islands``, ``hubs`` (this rank's), ``pruned_fraction`` = 1 - additions performed /
 additions of the plain inner aggregation (GCN's with its self-loop term; 0 where redundancy
@@ -38,11 +40,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import deque
 
 import torch
 from torch import Tensor, nn
 
+from bns_pipe import _ext
 from bns_pipe.hooks.base import InnerOperator, LayerHook
 from bns_pipe.hooks.redundancy import (
     RedundancyFreeOperator,
@@ -60,52 +62,79 @@ AUTO_CAPACITY = 16  # capacity=auto: n_inner / 16 aggregation nodes
 
 @dataclasses.dataclass
 class Islands:
-    """The classification of n nodes: ``hubs`` (ids), ``islands`` (lists of ids, search
-    order) and ``order`` (n,): new position → old id, hub by hub with their islands."""
+    """The classification of n nodes: ``hubs`` (h,) their ids; the islands, island by island
+    in search order, as ``island_nodes`` (n - h,) split at ``island_ptr`` (k + 1,); and
+    ``order`` (n,): new position → old id, hub by hub with their islands."""
 
-    hubs: list[int]
-    islands: list[list[int]]
+    hubs: Tensor
+    island_ptr: Tensor
+    island_nodes: Tensor
     order: Tensor
+
+    @property
+    def num_islands(self) -> int:
+        return self.island_ptr.numel() - 1
+
+    def islands(self) -> list[list[int]]:
+        """Each island's node ids, in search order."""
+        sizes = self.island_ptr.diff().tolist()
+        return [part.tolist() for part in torch.split(self.island_nodes, sizes)]
 
 
 def find_islands(
     indptr: Tensor, indices: Tensor, hub_degree: int | None, max_island: int
 ) -> Islands:
     """Hubs and islands of the symmetric graph (indptr, indices) on n = len(indptr) - 1
-    nodes (module docstring); ``hub_degree`` None: auto."""
+    nodes (module docstring); ``hub_degree`` None: auto. The C++ op (``csrc/islands.cpp``)
+    and the fallback below take the same steps."""
+    n = indptr.numel() - 1
+    mean = float(indptr.diff().double().mean()) if n else 0.0
+    threshold = hub_degree or max(4, math.ceil(4 * mean))
+    floor = max(2, math.ceil(mean))
+    if _ext.available():
+        found = _ext.ops().find_islands(indptr, indices, threshold, floor, max_island)
+    else:
+        found = _search(indptr, indices, threshold, floor, max_island)
+    return Islands(*found)
+
+
+def _search(
+    indptr: Tensor, indices: Tensor, threshold: int, floor: int, max_island: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pure-PyTorch search: (hubs, island_ptr, island_nodes, order)."""
     n = indptr.numel() - 1
     ptr, nbr = indptr.tolist(), indices.tolist()
     degree = indptr.diff()
-    mean = float(degree.double().mean()) if n else 0.0
-    threshold = hub_degree or max(4, math.ceil(4 * mean))
-    floor = max(2, math.ceil(mean))
     unclassified = [True] * n
-    is_hub = [False] * n
     hubs: list[int] = []
-    islands: list[list[int]] = []
-    order: list[int] = []
+    island_ptr, members, order = [0], [], []
 
     def grow(start: int) -> None:
-        """One island from ``start`` by breadth-first search over unclassified non-hubs."""
-        island, queue = [start], deque([start])
+        """One island from ``start`` by breadth-first search over unclassified nodes (hubs
+        are classified); the island is the search's queue."""
+        begin = len(members)
+        members.append(start)
         unclassified[start] = False
-        while queue and len(island) < max_island:
-            node = queue.popleft()
+        head = begin
+        while head < len(members) and len(members) - begin < max_island:
+            node = members[head]
+            head += 1
             for j in nbr[ptr[node] : ptr[node + 1]]:
-                if unclassified[j] and not is_hub[j]:
+                if unclassified[j]:
                     unclassified[j] = False
-                    island.append(j)
-                    queue.append(j)
-                    if len(island) == max_island:
+                    members.append(j)
+                    if len(members) - begin == max_island:
                         break
-        islands.append(island)
-        order.extend(island)
+        island_ptr.append(len(members))
+        order.extend(members[begin:])
 
-    while threshold >= floor:
-        new = [i for i in (degree >= threshold).nonzero().flatten().tolist() if unclassified[i]]
-        for hub in new:
-            is_hub[hub], unclassified[hub] = True, False
-        for hub in new:
+    first = True
+    while first or threshold >= floor:  # a hub_degree below the floor still gets its round
+        first = False
+        fresh = [i for i in (degree >= threshold).nonzero().flatten().tolist() if unclassified[i]]
+        for hub in fresh:
+            unclassified[hub] = False
+        for hub in fresh:
             hubs.append(hub)
             order.append(hub)
             for j in nbr[ptr[hub] : ptr[hub + 1]]:
@@ -115,7 +144,7 @@ def find_islands(
     for node in range(n):
         if unclassified[node]:
             grow(node)
-    return Islands(hubs, islands, torch.tensor(order, dtype=torch.int64))
+    return tuple(torch.tensor(v, dtype=torch.int64) for v in (hubs, island_ptr, members, order))
 
 
 def renumber(part: Partition, order: Tensor) -> Partition:
@@ -194,12 +223,11 @@ class IslandHook(LayerHook):
         start = time.perf_counter()
         part, loops = self.part, kind == "gcn"
         indptr, indices = inner_pattern(part, loops)
-        position = torch.empty_like(self.found.order)
-        position[self.found.order] = torch.arange(part.n_inner)
-        found = [*self.found.islands, self.found.hubs]
-        groups = [position[torch.tensor(group, dtype=torch.int64)].tolist() for group in found]
+        found, position = self.found, torch.empty_like(self.found.order)
+        position[found.order] = torch.arange(part.n_inner)
         capacity = part.n_inner // AUTO_CAPACITY if self.capacity is None else self.capacity
-        hierarchy = merge_shared_pairs(indptr, indices, groups, capacity)
+        groups = found.island_ptr, position[found.island_nodes]  # hub rows keep their lists
+        hierarchy = merge_shared_pairs(indptr, indices, *groups, capacity)
         plain = plain_additions(indptr)
         pruned = 1 - hierarchy.additions() / plain if plain else 0.0
         degree = part.in_degree[: part.n_inner].to(x.device, torch.float64)
@@ -242,8 +270,8 @@ class IslandHook(LayerHook):
         found = self.found
         pruned = list(self.pruned.values())
         return {
-            "islands": len(found.islands) if found else 0,
-            "hubs": len(found.hubs) if found else 0,
+            "islands": found.num_islands if found else 0,
+            "hubs": found.hubs.numel() if found else 0,
             "pruned_fraction": 0.0 if self.attention or not pruned else sum(pruned) / len(pruned),
             "redundancy": self._redundancy_state(),
             "preprocess_s": self.preprocess_s,

@@ -2,12 +2,17 @@
 
 A plain aggregation sums, for every destination i, its neighbours' rows: deg_i - 1 additions.
 When several destinations share a pair of sources {u, v}, the sum u + v can be computed once
-as an *aggregation node* and used by all of them. Greedy (HAG's): in each group of
-destinations (an island), take the pair shared by the most covers, make it a node (or reuse
-the node an earlier group made for the same pair), put it in place of u and v in every cover
-holding both, and repeat while a pair is shared by at least two covers and fewer than
-``capacity`` nodes exist. Aggregation nodes may combine earlier ones (a hierarchy). Every
-cover's leaves stay exactly the destination's neighbour set.
+as an *aggregation node* and used by all of them. Greedy (HAG's), in each group of at most 64
+destinations (an island or a 64-row piece of one) on its own: take the pair shared by the most
+covers, make it a node, put it in place of u and v in every cover holding both, and repeat
+while a pair is shared by at least two covers. Then, by (count descending, group, step), a
+merge whose inputs exist reuses the node of its pair if one was made, else becomes a new node
+while fewer than ``capacity`` exist, else is not made. Then each node, in id order, takes
+the place of its pair in every cover holding both, in any row: a node made for one island
+serves all the rows that share its pair. This is HAG's greedy with the pair counting kept
+inside groups: O(Σ_groups Σ_rows d²) with small tables, in parallel.
+Aggregation nodes may combine earlier ones (a hierarchy). Every cover's leaves stay exactly
+the destination's neighbour set.
 
 For A = diag(r) · S · diag(c) (S the 0/1 pattern; GCN: S with its self-loops, r = c =
 (d + 1)^-1/2, so that the sum x_i + x_j that both ends of an edge need is shared; mean: r =
@@ -23,6 +28,7 @@ each aggregate's gradient added to its two inputs. Additions: m + Σ_i (|cover_i
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -64,22 +70,22 @@ def plain_additions(indptr: Tensor) -> int:
     return int((indptr.diff() - 1).clamp(min=0).sum())
 
 
+GROUP_ROWS = 64  # rows of one pair-counting group: its holder sets are 64-bit masks
+
+
 def merge_shared_pairs(
-    indptr: Tensor, indices: Tensor, groups: list[list[int]], capacity: int
+    indptr: Tensor, indices: Tensor, group_ptr: Tensor, group_rows: Tensor, capacity: int
 ) -> Hierarchy:
     """The greedy hierarchy of the module docstring for the 0/1 matrix (indptr, indices)
-    (n, n): pairs are counted within each group of ``groups`` (rows in no group keep their
-    neighbour lists), the most shared one across all groups merged first (ties: the smallest
-    (group, u, v)), at most ``capacity`` aggregation nodes (a pair merged in one group is
-    reused in the others). The C++ op (``csrc/hag_build.cpp``) and the fallback below make
-    the same hierarchy."""
+    (n, n): group g holds the distinct rows ``group_rows[group_ptr[g]:group_ptr[g + 1]]``
+    (cut here into pieces of at most 64 rows; rows in no group keep their neighbour lists);
+    ties go to the smallest (u, v); at most ``capacity`` aggregation nodes. The C++ op
+    (``csrc/hag_build.cpp``) and the fallback below make the same hierarchy."""
+    group_ptr = _pieces(group_ptr)
     if _ext.available():
-        sizes = torch.tensor([len(group) for group in groups], dtype=torch.int64)
-        group_ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-        rows = torch.tensor([row for group in groups for row in group], dtype=torch.int64)
-        built = _ext.ops().merge_shared_pairs(indptr, indices, group_ptr, rows, capacity)
+        built = _ext.ops().merge_shared_pairs(indptr, indices, group_ptr, group_rows, capacity)
     else:
-        built = _merge(indptr, indices, groups, capacity)
+        built = _merge(indptr, indices, group_ptr, group_rows, capacity)
     pairs, level, cover_ptr, cover_indices = built
     n = indptr.numel() - 1
     cover = CSR(cover_ptr, cover_indices, None, n + pairs.shape[0])
@@ -88,55 +94,109 @@ def merge_shared_pairs(
     return Hierarchy(n, pairs, levels, cover)
 
 
+def _pieces(group_ptr: Tensor) -> Tensor:
+    """``group_ptr`` with every group cut into consecutive pieces of at most 64 rows."""
+    sizes = group_ptr.diff()
+    starts = [
+        torch.arange(int(a), int(a) + int(s), GROUP_ROWS)
+        for a, s in zip(group_ptr[:-1].tolist(), sizes.tolist(), strict=True)
+        if s > 0
+    ]
+    if not starts:
+        return group_ptr[-1:].clone() if group_ptr.numel() else torch.zeros(1, dtype=torch.int64)
+    return torch.cat([*starts, group_ptr[-1:]])
+
+
+@dataclass
+class _Merge:
+    u: int  # a node id < n, or n + this group's step
+    v: int
+    count: int
+
+
+def _group_merges(covers: list[list[int]], n: int, limit: int) -> list[_Merge]:
+    """The greedy of one group (its rows' covers, changed in place)."""
+    holders: dict[tuple[int, int], int] = defaultdict(int)
+    for r, cover in enumerate(covers):
+        for a in range(len(cover)):
+            for b in range(a + 1, len(cover)):
+                holders[cover[a], cover[b]] |= 1 << r
+    heap = [(-m.bit_count(), key) for key, m in holders.items() if m.bit_count() > 1]
+    heapq.heapify(heap)
+    merges: list[_Merge] = []
+    while heap and len(merges) < limit:
+        count, key = heapq.heappop(heap)
+        mask = holders.get(key, 0)
+        if mask.bit_count() != -count:  # stale: push its current count back
+            if mask.bit_count() > 1:
+                heapq.heappush(heap, (-mask.bit_count(), key))
+            continue
+        (u, v), node = key, n + len(merges)
+        merges.append(_Merge(u, v, -count))
+        holders[key] = 0
+        touched = set()
+        for r in range(mask.bit_length()):
+            if not mask >> r & 1:
+                continue
+            cover = covers[r]
+            cover.remove(u)
+            cover.remove(v)
+            for w in cover:
+                holders[min(u, w), max(u, w)] &= ~(1 << r)
+                holders[min(v, w), max(v, w)] &= ~(1 << r)
+                holders[w, node] |= 1 << r
+                touched.add(w)
+            cover.append(node)
+        for w in sorted(touched):
+            if holders[w, node].bit_count() > 1:
+                heapq.heappush(heap, (-holders[w, node].bit_count(), (w, node)))
+    return merges
+
+
 def _merge(
-    indptr: Tensor, indices: Tensor, groups: list[list[int]], capacity: int
+    indptr: Tensor, indices: Tensor, group_ptr: Tensor, group_rows: Tensor, capacity: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The pure-PyTorch greedy: (pairs (m, 2), level (m,), cover indptr, cover indices)."""
     n = indptr.numel() - 1
-    ptr, nbr = indptr.tolist(), indices.tolist()
-    covers: list[set[int]] = [set(nbr[ptr[i] : ptr[i + 1]]) for i in range(n)]
-    holders: dict[tuple[int, int, int], set[int]] = defaultdict(set)  # (group, u, v) → rows
-    for g, group in enumerate(groups):
-        for dest in group:
-            members = sorted(covers[dest])
-            for a in range(len(members)):
-                for b in range(a + 1, len(members)):
-                    holders[g, members[a], members[b]].add(dest)
-    heap = [(-len(rows), key) for key, rows in holders.items() if len(rows) > 1]
-    heapq.heapify(heap)
-    made: dict[tuple[int, int], int] = {}  # pair → aggregation node id (n + index)
+    ptr, nbr, rows = indptr.tolist(), indices.tolist(), group_rows.tolist()
+    leaves = [sorted(set(nbr[ptr[i] : ptr[i + 1]])) for i in range(n)]
+    bounds = group_ptr.tolist()
+    merges = [
+        _group_merges([list(leaves[i]) for i in rows[a:b]], n, capacity)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    ranked = sorted((-m.count, g, j) for g, group in enumerate(merges) for j, m in enumerate(group))
+    ids: list[list[int]] = [[] for _ in merges]  # group, step → node id, -1: not made
     pairs: list[tuple[int, int]] = []
     level: list[int] = []
-    while heap:
-        count, key = heapq.heappop(heap)
-        shared = holders.get(key, set())
-        if len(shared) != -count:  # stale entry: push its current count back
-            if len(shared) > 1:
-                heapq.heappush(heap, (-len(shared), key))
-            continue
-        g, u, v = key
-        node = made.get((u, v))
-        if node is None:
-            if len(pairs) >= capacity:
-                continue
+
+    def global_id(g: int, ref: int) -> int:
+        return ref if ref < n else ids[g][ref - n]
+
+    made: dict[tuple[int, int], int] = {}  # (u, v) → aggregation node id
+    for _, g, j in ranked:  # a group's earlier steps are decided
+        u, v = sorted((global_id(g, merges[g][j].u), global_id(g, merges[g][j].v)))
+        node = -1
+        if u >= 0 and (u, v) in made:
+            node = made[u, v]
+        elif u >= 0 and len(pairs) < capacity:
             node = made[u, v] = n + len(pairs)
             pairs.append((u, v))
             level.append(1 + max(_level(u, level, n), _level(v, level, n)))
-        touched = set()
-        for dest in shared:
-            cover = covers[dest]
-            cover -= {u, v}
-            for w in cover:
-                holders[(g, *sorted((u, w)))].discard(dest)
-                holders[(g, *sorted((v, w)))].discard(dest)
-                new = (g, *sorted((w, node)))
-                holders[new].add(dest)
-                touched.add(new)
-            cover.add(node)
-        del holders[key]
-        for new in touched:
-            if len(holders[new]) > 1:
-                heapq.heappush(heap, (-len(holders[new]), new))
+        ids[g].append(node)
+    covers = [list(cover) for cover in leaves]
+    holders: list[list[int]] = [[] for _ in range(n)]  # a superset of x's rows, x < n
+    for row, cover in enumerate(leaves):
+        for x in cover:
+            holders[x].append(row)
+    for node, (u, v) in enumerate(pairs, start=n):  # each takes its pair's place in all rows
+        holders.append([])
+        for row in min(holders[u], holders[v], key=len):
+            if u in covers[row] and v in covers[row]:
+                covers[row].remove(u)
+                covers[row].remove(v)
+                covers[row].append(node)
+                holders[node].append(row)
     sizes = torch.tensor([len(cover) for cover in covers], dtype=torch.int64)
     cover_ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
     columns = [column for cover in covers for column in sorted(cover)]
