@@ -150,7 +150,7 @@ def test_aggregation_nodes_in_cpp_equal_the_fallback(monkeypatch, dtype) -> None
     dense = ((dense + dense.T + torch.eye(n, dtype=torch.int64)) > 0).to(torch.int64)
     columns = dense.nonzero()[:, 1]
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), dense.sum(1).cumsum(0)])
-    groups = _groups([list(range(i, min(i + 30, n))) for i in range(0, n, 30)])
+    groups = _groups([list(range(30)), list(range(30, n))])  # 90 rows: cut at 64
     hierarchy = merge_shared_pairs(indptr, columns, *groups, n)
     assert len(hierarchy.levels) > 1  # aggregates of aggregates
     for capacity in (n, 40):  # the greedy in C++ makes the fallback's hierarchy

@@ -96,15 +96,13 @@ def merge_shared_pairs(
 
 def _pieces(group_ptr: Tensor) -> Tensor:
     """``group_ptr`` with every group cut into consecutive pieces of at most 64 rows."""
-    sizes = group_ptr.diff()
-    starts = [
-        torch.arange(int(a), int(a) + int(s), GROUP_ROWS)
-        for a, s in zip(group_ptr[:-1].tolist(), sizes.tolist(), strict=True)
-        if s > 0
-    ]
-    if not starts:
-        return group_ptr[-1:].clone() if group_ptr.numel() else torch.zeros(1, dtype=torch.int64)
-    return torch.cat([*starts, group_ptr[-1:]])
+    if group_ptr.numel() < 2:
+        return torch.zeros(1, dtype=torch.int64)
+    pieces = (group_ptr.diff() + GROUP_ROWS - 1) // GROUP_ROWS  # per group; 0 if empty
+    first = torch.repeat_interleave(group_ptr[:-1], pieces)
+    group_start = torch.repeat_interleave(pieces.cumsum(0) - pieces, pieces)
+    step = torch.arange(first.numel()) - group_start  # the piece's index in its group
+    return torch.cat([first + GROUP_ROWS * step, group_ptr[-1:]])
 
 
 @dataclass
