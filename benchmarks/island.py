@@ -1,6 +1,7 @@
 """Islandization (``--hook island``): pruned additions, aggregation and epoch time, preprocessing.
 
-Per dataset, side by side in this script:
+Per dataset (``synthetic``: 100k nodes, ``synthetic-1m``: 1M, both degree 16 and 128
+features), side by side in this script:
 
 1. on 1 and 4 METIS parts, every part's islands, hubs and ``pruned_fraction`` with
    ``redundancy=on`` (what the structure removes; I-GCN reports 38 % on average, HAG 33-84 %)
@@ -43,14 +44,25 @@ from bns_pipe.hooks.island import IslandHook  # noqa: E402
 from bns_pipe.memory import keep_freed_memory  # noqa: E402
 from bns_pipe.partition import load_partition, partition  # noqa: E402
 
-DATASETS = ["cora", "citeseer", "coauthor-cs", "coauthor-physics", "amazon-computers", "synthetic"]
-SYNTHETIC = {"num_nodes": 100_000, "num_features": 128, "num_classes": 8}
+DATASETS = [
+    "cora",
+    "citeseer",
+    "coauthor-cs",
+    "coauthor-physics",
+    "amazon-computers",
+    "synthetic",
+    "synthetic-1m",
+]
+SYNTHETIC = {"num_features": 128, "num_classes": 8}
+SYNTHETIC_NODES = {"synthetic": 100_000, "synthetic-1m": 1_000_000}
 PAPERS = "I-GCN 38 % on average; HAG 33-84 %"
 
 
 def load(name: str):
-    options = SYNTHETIC if name == "synthetic" else {}
-    return load_dataset(name, **options), {"name": name, "options": options}
+    if name in SYNTHETIC_NODES:
+        options = {**SYNTHETIC, "num_nodes": SYNTHETIC_NODES[name]}
+        return load_dataset("synthetic", **options), {"name": "synthetic", "options": options}
+    return load_dataset(name), {"name": name, "options": {}}
 
 
 def parts_report(part_dir: str, n_parts: int, full: bool = False) -> list[dict]:
