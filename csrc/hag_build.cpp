@@ -109,10 +109,11 @@ void erase_value(std::vector<int64_t>& values, int64_t value) {
   }
 }
 
-// The greedy of one group of rows: its merges, at most `limit`.
+// The greedy of one group of rows: its merges, at most `limit`, each of a pair shared by at
+// least `min_share` rows.
 std::vector<Merge> group_merges(const int64_t* indptr, const int64_t* indices, int64_t n,
                                 const int64_t* rows, int64_t n_rows, int64_t limit,
-                                PairMasks& holders) {
+                                int64_t min_share, PairMasks& holders) {
   std::vector<std::vector<int64_t>> covers(n_rows);
   size_t expected = 0;
   for (int64_t r = 0; r < n_rows; ++r) {
@@ -130,7 +131,7 @@ std::vector<Merge> group_merges(const int64_t* indptr, const int64_t* indices, i
   std::priority_queue<Entry> heap;
   holders.for_each([&](uint64_t key, uint64_t mask) {
     const int64_t count = __builtin_popcountll(mask);
-    if (count > 1) heap.push({count, key});
+    if (count >= min_share) heap.push({count, key});
   });
   std::vector<Merge> merges;
   std::vector<int64_t> touched;
@@ -140,7 +141,7 @@ std::vector<Merge> group_merges(const int64_t* indptr, const int64_t* indices, i
     const uint64_t mask = holders.get(top.key);
     const int64_t count = __builtin_popcountll(mask);
     if (count != top.count) {  // stale: push its current count back
-      if (count > 1) heap.push({count, top.key});
+      if (count >= min_share) heap.push({count, top.key});
       continue;
     }
     const auto u = static_cast<int64_t>(top.key >> 32), v = static_cast<int64_t>(top.key & 0xFFFFFFFFu);
@@ -166,7 +167,7 @@ std::vector<Merge> group_merges(const int64_t* indptr, const int64_t* indices, i
     for (const int64_t w : touched) {
       const uint64_t key = pair_key(w, node);
       const int64_t size = __builtin_popcountll(holders.get(key));
-      if (size > 1) heap.push({size, key});
+      if (size >= min_share) heap.push({size, key});
     }
   }
   return merges;
@@ -174,7 +175,7 @@ std::vector<Merge> group_merges(const int64_t* indptr, const int64_t* indices, i
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_shared_pairs_cpu(
     const at::Tensor& indptr_t, const at::Tensor& indices_t, const at::Tensor& group_ptr_t,
-    const at::Tensor& group_rows_t, int64_t capacity) {
+    const at::Tensor& group_rows_t, int64_t capacity, int64_t min_share) {
   TORCH_CHECK(indptr_t.scalar_type() == at::kLong && indices_t.scalar_type() == at::kLong &&
                   group_ptr_t.scalar_type() == at::kLong && group_rows_t.scalar_type() == at::kLong,
               "merge_shared_pairs: int64 tensors expected");
@@ -185,7 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_shared_pairs_cp
   const int64_t* gptr = gptr_c.data_ptr<int64_t>();
   const int64_t* grows = grows_c.data_ptr<int64_t>();
   const int64_t n = indptr_c.numel() - 1, groups = gptr_c.numel() - 1;
-  TORCH_CHECK(n < (int64_t(1) << 31) && capacity >= 0, "merge_shared_pairs: n < 2^31, capacity >= 0");
+  TORCH_CHECK(n < (int64_t(1) << 31) && capacity >= 0 && min_share >= 2,
+              "merge_shared_pairs: n < 2^31, capacity >= 0, min_share >= 2");
   std::vector<uint8_t> grouped(n, 0);
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(gptr[g + 1] - gptr[g] <= kGroupRows, "merge_shared_pairs: a group of more than 64 rows");
@@ -201,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_shared_pairs_cp
     PairMasks holders;
     for (int64_t g = begin; g < end; ++g)
       merges[g] = group_merges(indptr, indices, n, grows + gptr[g], gptr[g + 1] - gptr[g],
-                               capacity, holders);
+                               capacity, min_share, holders);
   });
   // the first `capacity` merges by (count descending, group, step)
   std::vector<std::tuple<int64_t, int64_t, int64_t>> all;
@@ -288,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_shared_pairs_cp
 
 TORCH_LIBRARY_FRAGMENT(bns_pipe, m) {
   m.def("merge_shared_pairs(Tensor indptr, Tensor indices, Tensor group_ptr, Tensor group_rows, "
-        "int capacity) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int capacity, int min_share) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bns_pipe, CPU, m) {

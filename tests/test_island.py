@@ -153,11 +153,11 @@ def test_aggregation_nodes_in_cpp_equal_the_fallback(monkeypatch, dtype) -> None
     groups = _groups([list(range(30)), list(range(30, n))])  # 90 rows: cut at 64
     hierarchy = merge_shared_pairs(indptr, columns, *groups, n)
     assert len(hierarchy.levels) > 1  # aggregates of aggregates
-    for capacity in (n, 40):  # the greedy in C++ makes the fallback's hierarchy
-        native = merge_shared_pairs(indptr, columns, *groups, capacity)
+    for capacity, share in ((n, 2), (n, 3), (40, 2)):  # C++ makes the fallback's hierarchy
+        native = merge_shared_pairs(indptr, columns, *groups, capacity, share)
         with monkeypatch.context() as patch:
             patch.setattr(_ext, "available", lambda: False)
-            fallback = merge_shared_pairs(indptr, columns, *groups, capacity)
+            fallback = merge_shared_pairs(indptr, columns, *groups, capacity, share)
         assert torch.equal(native.pairs, fallback.pairs)
         assert torch.equal(native.cover.indptr, fallback.cover.indptr)
         assert torch.equal(native.cover.indices, fallback.cover.indices)
@@ -297,6 +297,7 @@ def test_islands_change_nothing_with_sampling_and_the_pipeline(tmp_path: Path, n
         ("island:size=4", "unexpected keyword"),
         ("island:redundancy=maybe", "redundancy must be auto, on or off"),
         ("island:capacity=-1", "capacity must be auto or at least 0"),
+        ("island:min_share=1", "min_share must be at least 2"),
     ],
 )
 def test_bad_island_options(spec: str, message: str) -> None:

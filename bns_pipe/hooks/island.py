@@ -1,5 +1,5 @@
 """Islandization: ``--hook island[:hub_degree=auto,max_island=64,redundancy=auto,
-capacity=auto]`` (I-GCN, Geng et al., MICRO 2021, in software).
+capacity=auto,min_share=2]`` (I-GCN, Geng et al., MICRO 2021, in software).
 
 At load, each rank splits its inner block (the graph among its own nodes) into *hubs* and
 *islands* and renumbers its inner nodes island-major, so that the rows a layer aggregates
@@ -24,11 +24,12 @@ Redundancy (``redundancy=auto|on|off``, ``capacity=auto|N``): the inner aggregat
 kind the model uses runs through :mod:`bns_pipe.hooks.redundancy`, the neighbour pairs shared
 by the rows of an island summed once (at most ``capacity`` aggregation nodes, auto:
 n_inner / 16: each costs a row written and read back, and on CPUs only the most shared
-pairs pay). Hub rows keep their neighbour lists: their pair counts grow with the square of
-a hub's degree, and they are a few percent of the additions pruned. ``auto`` keeps the
-graph's own product where that removes under 2% of the additions or where a timed product
-on the first input is not faster (the report says so). The halo block keeps its path, so
-BNS and the pipeline work unchanged. Built on the first product.
+pairs pay; ``min_share``: only pairs shared by at least that many rows of an island, which
+also ends each island's search early). Hub rows keep their neighbour lists: their pair
+counts grow with the square of a hub's degree, and they are a few percent of the additions
+pruned. ``auto`` keeps the graph's own product where that removes under 2% of the additions
+or where a timed product on the first input is not faster (the report says so). The halo
+block keeps its path, so BNS and the pipeline work unchanged. Built on the first product.
 
 Report: ``islands``, ``hubs`` (this rank's), ``pruned_fraction`` = 1 - additions performed /
 additions of the plain inner aggregation (GCN's with its self-loop term; 0 where redundancy
@@ -182,10 +183,12 @@ class IslandHook(LayerHook):
         max_island: str = "64",
         redundancy: str = "auto",
         capacity: str = "auto",
+        min_share: str = "2",
     ) -> None:
         self.hub_degree = None if hub_degree == "auto" else int(hub_degree)
         self.max_island = int(max_island)
         self.capacity = None if capacity == "auto" else int(capacity)
+        self.min_share = int(min_share)
         self.redundancy = redundancy
         if self.hub_degree is not None and self.hub_degree < 1:
             raise ValueError(f"hub_degree must be auto or at least 1, got {self.hub_degree}")
@@ -193,6 +196,8 @@ class IslandHook(LayerHook):
             raise ValueError(f"max_island must be at least 1 node, got {self.max_island}")
         if self.capacity is not None and self.capacity < 0:
             raise ValueError(f"capacity must be auto or at least 0, got {self.capacity}")
+        if self.min_share < 2:
+            raise ValueError(f"min_share must be at least 2 rows, got {self.min_share}")
         if redundancy not in ("auto", "on", "off"):
             raise ValueError(f"redundancy must be auto, on or off, got {redundancy!r}")
         self.found: Islands | None = None
@@ -227,7 +232,7 @@ class IslandHook(LayerHook):
         position[found.order] = torch.arange(part.n_inner)
         capacity = part.n_inner // AUTO_CAPACITY if self.capacity is None else self.capacity
         groups = found.island_ptr, position[found.island_nodes]  # hub rows keep their lists
-        hierarchy = merge_shared_pairs(indptr, indices, *groups, capacity)
+        hierarchy = merge_shared_pairs(indptr, indices, *groups, capacity, self.min_share)
         plain = plain_additions(indptr)
         pruned = 1 - hierarchy.additions() / plain if plain else 0.0
         degree = part.in_degree[: part.n_inner].to(x.device, torch.float64)

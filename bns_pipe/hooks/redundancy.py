@@ -74,18 +74,28 @@ GROUP_ROWS = 64  # rows of one pair-counting group: its holder sets are 64-bit m
 
 
 def merge_shared_pairs(
-    indptr: Tensor, indices: Tensor, group_ptr: Tensor, group_rows: Tensor, capacity: int
+    indptr: Tensor,
+    indices: Tensor,
+    group_ptr: Tensor,
+    group_rows: Tensor,
+    capacity: int,
+    min_share: int = 2,
 ) -> Hierarchy:
     """The greedy hierarchy of the module docstring for the 0/1 matrix (indptr, indices)
     (n, n): group g holds the distinct rows ``group_rows[group_ptr[g]:group_ptr[g + 1]]``
     (cut here into pieces of at most 64 rows; rows in no group keep their neighbour lists);
-    ties go to the smallest (u, v); at most ``capacity`` aggregation nodes. The C++ op
+    ties go to the smallest (u, v); at most ``capacity`` aggregation nodes, each of a pair
+    shared by at least ``min_share`` (>= 2) rows of its group. The C++ op
     (``csrc/hag_build.cpp``) and the fallback below make the same hierarchy."""
+    if min_share < 2:
+        raise ValueError(f"min_share must be at least 2 rows, got {min_share}")
     group_ptr = _pieces(group_ptr)
     if _ext.available():
-        built = _ext.ops().merge_shared_pairs(indptr, indices, group_ptr, group_rows, capacity)
+        built = _ext.ops().merge_shared_pairs(
+            indptr, indices, group_ptr, group_rows, capacity, min_share
+        )
     else:
-        built = _merge(indptr, indices, group_ptr, group_rows, capacity)
+        built = _merge(indptr, indices, group_ptr, group_rows, capacity, min_share)
     pairs, level, cover_ptr, cover_indices = built
     n = indptr.numel() - 1
     cover = CSR(cover_ptr, cover_indices, None, n + pairs.shape[0])
@@ -112,21 +122,21 @@ class _Merge:
     count: int
 
 
-def _group_merges(covers: list[list[int]], n: int, limit: int) -> list[_Merge]:
+def _group_merges(covers: list[list[int]], n: int, limit: int, min_share: int) -> list[_Merge]:
     """The greedy of one group (its rows' covers, changed in place)."""
     holders: dict[tuple[int, int], int] = defaultdict(int)
     for r, cover in enumerate(covers):
         for a in range(len(cover)):
             for b in range(a + 1, len(cover)):
                 holders[cover[a], cover[b]] |= 1 << r
-    heap = [(-m.bit_count(), key) for key, m in holders.items() if m.bit_count() > 1]
+    heap = [(-m.bit_count(), key) for key, m in holders.items() if m.bit_count() >= min_share]
     heapq.heapify(heap)
     merges: list[_Merge] = []
     while heap and len(merges) < limit:
         count, key = heapq.heappop(heap)
         mask = holders.get(key, 0)
         if mask.bit_count() != -count:  # stale: push its current count back
-            if mask.bit_count() > 1:
+            if mask.bit_count() >= min_share:
                 heapq.heappush(heap, (-mask.bit_count(), key))
             continue
         (u, v), node = key, n + len(merges)
@@ -146,13 +156,18 @@ def _group_merges(covers: list[list[int]], n: int, limit: int) -> list[_Merge]:
                 touched.add(w)
             cover.append(node)
         for w in sorted(touched):
-            if holders[w, node].bit_count() > 1:
+            if holders[w, node].bit_count() >= min_share:
                 heapq.heappush(heap, (-holders[w, node].bit_count(), (w, node)))
     return merges
 
 
 def _merge(
-    indptr: Tensor, indices: Tensor, group_ptr: Tensor, group_rows: Tensor, capacity: int
+    indptr: Tensor,
+    indices: Tensor,
+    group_ptr: Tensor,
+    group_rows: Tensor,
+    capacity: int,
+    min_share: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The pure-PyTorch greedy: (pairs (m, 2), level (m,), cover indptr, cover indices)."""
     n = indptr.numel() - 1
@@ -160,7 +175,7 @@ def _merge(
     leaves = [sorted(set(nbr[ptr[i] : ptr[i + 1]])) for i in range(n)]
     bounds = group_ptr.tolist()
     merges = [
-        _group_merges([list(leaves[i]) for i in rows[a:b]], n, capacity)
+        _group_merges([list(leaves[i]) for i in rows[a:b]], n, capacity, min_share)
         for a, b in itertools.pairwise(bounds)
     ]
     ranked = sorted((-m.count, g, j) for g, group in enumerate(merges) for j, m in enumerate(group))
