@@ -242,30 +242,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_shared_pairs_cp
   }
   // every node, in id order, takes the place of its pair in every row holding both
   const int64_t m = static_cast<int64_t>(level.size());
-  std::vector<int64_t> t_ptr(n + 1, 0), t_rows(indptr[n]);
-  for (int64_t e = 0; e < indptr[n]; ++e) ++t_ptr[indices[e] + 1];
-  for (int64_t i = 0; i < n; ++i) t_ptr[i + 1] += t_ptr[i];
-  std::vector<int64_t> fill(t_ptr.begin(), t_ptr.end() - 1);
+  std::vector<std::vector<int64_t>> holders_of(n + m);  // a superset of the rows holding x
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) t_rows[fill[indices[e]]++] = i;
-  std::vector<std::vector<int64_t>> node_rows(m);
-  auto candidates = [&](int64_t x) {  // a superset of the rows whose covers hold x
-    return x < n ? std::vector<int64_t>(t_rows.begin() + t_ptr[x], t_rows.begin() + t_ptr[x + 1])
-                 : node_rows[x - n];
-  };
+    for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) holders_of[indices[e]].push_back(i);
   auto holds = [](const std::vector<int64_t>& cover, int64_t x) {
     return std::find(cover.begin(), cover.end(), x) != cover.end();
   };
   for (int64_t k = 0; k < m; ++k) {
     const int64_t u = pairs[2 * k], v = pairs[2 * k + 1];
-    const std::vector<int64_t> a = candidates(u), b = candidates(v);
+    const auto& a = holders_of[u];
+    const auto& b = holders_of[v];
     for (const int64_t r : a.size() <= b.size() ? a : b) {
       auto& cover = covers[r];
       if (!holds(cover, u) || !holds(cover, v)) continue;
       erase_value(cover, u);
       erase_value(cover, v);
       cover.push_back(n + k);
-      node_rows[k].push_back(r);
+      holders_of[n + k].push_back(r);
     }
   }
   at::Tensor out_pairs = at::empty({m, 2}, indptr_c.options());

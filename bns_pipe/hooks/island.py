@@ -222,9 +222,10 @@ class IslandHook(LayerHook):
     def operator(
         self, kind: str, default: InnerOperator, x: Tensor
     ) -> RedundancyFreeOperator | None:
-        """The redundancy-free product of ``kind`` over the renumbered inner block (islands
-        and hubs as groups), or None where ``redundancy=auto`` finds that it prunes under
-        2% of the additions or runs slower than the ``default`` product on ``x``."""
+        """The redundancy-free product of ``kind`` over the renumbered inner block (pairs
+        counted within islands), or None where ``redundancy=auto`` finds that it prunes under
+        2% of the additions (then it is not built) or runs slower than the ``default``
+        product on ``x``."""
         start = time.perf_counter()
         part, loops = self.part, kind == "gcn"
         indptr, indices = inner_pattern(part, loops)
@@ -235,20 +236,22 @@ class IslandHook(LayerHook):
         hierarchy = merge_shared_pairs(indptr, indices, *groups, capacity, self.min_share)
         plain = plain_additions(indptr)
         pruned = 1 - hierarchy.additions() / plain if plain else 0.0
-        degree = part.in_degree[: part.n_inner].to(x.device, torch.float64)
-        if loops:
-            row = col = (degree + 1).rsqrt()
-        else:  # mean: 1 / d_i, 0 for a row without neighbours
-            row = torch.where(degree > 0, 1 / degree.clamp(min=1), 0.0)
-            col = torch.ones_like(degree)
-        symmetric = loops and is_symmetric(indptr, indices)  # then Aᵀ g = A g
-        built = RedundancyFreeOperator(
-            hierarchy, row.to(x.dtype), col.to(x.dtype), loops, symmetric
-        )
         self.pruned[kind], self.states[kind] = pruned, "on"
+        built = None
         if self.redundancy == "auto" and pruned < AUTO_PRUNED:
             self.states[kind] = f"off: prunes {pruned:.0%} of the additions"
-        elif self.redundancy == "auto":
+        else:
+            degree = part.in_degree[: part.n_inner].to(x.device, torch.float64)
+            if loops:
+                row = col = (degree + 1).rsqrt()
+            else:  # mean: 1 / d_i, 0 for a row without neighbours
+                row = torch.where(degree > 0, 1 / degree.clamp(min=1), 0.0)
+                col = torch.ones_like(degree)
+            symmetric = loops and is_symmetric(indptr, indices)  # then Aᵀ g = A g
+            built = RedundancyFreeOperator(
+                hierarchy, row.to(x.dtype), col.to(x.dtype), loops, symmetric
+            )
+        if built is not None and self.redundancy == "auto":
             plain_s = _seconds(lambda: default(x))
             built_s = _seconds(lambda: built(x))
             if built_s >= plain_s:

@@ -269,8 +269,7 @@ def run_here_or_launch(
         )
         argv = [*argv, "--partition-dir", config.partition_dir]
     args.partition_dir = config.partition_dir
-    parts = int(read_manifest(config.partition_dir)["num_parts"])
-    nprocs = args.nprocs or parts // args.nnodes
+    nprocs = args.nprocs or int(read_manifest(config.partition_dir)["num_parts"]) // args.nnodes
     if nprocs == 1 and args.nnodes == 1 and args.max_restarts == 0:
         work()
         return 0
