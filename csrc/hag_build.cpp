@@ -115,12 +115,30 @@ std::vector<Merge> group_merges(const int64_t* indptr, const int64_t* indices, i
                                 const int64_t* rows, int64_t n_rows, int64_t limit,
                                 int64_t min_share, PairMasks& holders) {
   std::vector<std::vector<int64_t>> covers(n_rows);
-  size_t expected = 0;
+  std::vector<int64_t> leaves;  // every row's distinct neighbours, then the frequent ones
   for (int64_t r = 0; r < n_rows; ++r) {
     covers[r].assign(indices + indptr[rows[r]], indices + indptr[rows[r] + 1]);
     std::sort(covers[r].begin(), covers[r].end());
     covers[r].erase(std::unique(covers[r].begin(), covers[r].end()), covers[r].end());
-    expected += covers[r].size() * covers[r].size() / 2;
+    leaves.insert(leaves.end(), covers[r].begin(), covers[r].end());
+  }
+  // A neighbour held by fewer than min_share rows is in no pair, and under no aggregation
+  // node, that min_share rows share: leaving it out of the covers changes no merge.
+  std::sort(leaves.begin(), leaves.end());
+  size_t kept = 0;
+  for (size_t a = 0, b = 0; a < leaves.size(); a = b) {
+    while (b < leaves.size() && leaves[b] == leaves[a]) ++b;
+    if (static_cast<int64_t>(b - a) >= min_share) leaves[kept++] = leaves[a];
+  }
+  leaves.resize(kept);
+  size_t expected = 0;
+  for (auto& cover : covers) {
+    cover.erase(std::remove_if(cover.begin(), cover.end(),
+                               [&](int64_t w) {
+                                 return !std::binary_search(leaves.begin(), leaves.end(), w);
+                               }),
+                cover.end());
+    expected += cover.size() * cover.size() / 2;
   }
   holders.reset(expected);
   for (int64_t r = 0; r < n_rows; ++r) {

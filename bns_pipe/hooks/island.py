@@ -1,5 +1,5 @@
 """Islandization: ``--hook island[:hub_degree=auto,max_island=64,redundancy=auto,
-capacity=auto,min_share=2]`` (I-GCN, Geng et al., MICRO 2021, in software).
+capacity=auto,min_share=4]`` (I-GCN, Geng et al., MICRO 2021, in software).
 
 At load, each rank splits its inner block (the graph among its own nodes) into *hubs* and
 *islands* and renumbers its inner nodes island-major, so that the rows a layer aggregates
@@ -24,12 +24,14 @@ Redundancy (``redundancy=auto|on|off``, ``capacity=auto|N``): the inner aggregat
 kind the model uses runs through :mod:`bns_pipe.hooks.redundancy`, the neighbour pairs shared
 by the rows of an island summed once (at most ``capacity`` aggregation nodes, auto:
 n_inner / 16: each costs a row written and read back, and on CPUs only the most shared
-pairs pay; ``min_share``: only pairs shared by at least that many rows of an island, which
-also ends each island's search early). Hub rows keep their neighbour lists: their pair
-counts grow with the square of a hub's degree, and they are a few percent of the additions
-pruned. ``auto`` keeps the graph's own product where that removes under 2% of the additions
-or where a timed product on the first input is not faster (the report says so). The halo
-block keeps its path, so BNS and the pipeline work unchanged. Built on the first product.
+pairs pay; ``min_share``, default 4: only pairs shared by at least that many rows of an
+island: a node of c rows writes one row and reads two to save c reads, so it pays from
+c = 4; neighbours held by fewer rows leave each island's search at once). Hub rows keep
+their neighbour lists: their pair counts grow with the square of a hub's degree, and they
+are a few percent of the additions pruned. ``auto`` keeps the graph's own product where
+that removes under 2% of the additions or where a timed product on the first input is not
+faster (the report says so). The halo block keeps its path, so BNS and the pipeline work
+unchanged. Built on the first product.
 
 Report: ``islands``, ``hubs`` (this rank's), ``pruned_fraction`` = 1 - additions performed /
 additions of the plain inner aggregation (GCN's with its self-loop term; 0 where redundancy
@@ -183,7 +185,7 @@ class IslandHook(LayerHook):
         max_island: str = "64",
         redundancy: str = "auto",
         capacity: str = "auto",
-        min_share: str = "2",
+        min_share: str = "4",
     ) -> None:
         self.hub_degree = None if hub_degree == "auto" else int(hub_degree)
         self.max_island = int(max_island)
