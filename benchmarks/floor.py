@@ -1,15 +1,16 @@
 """Where one epoch's time goes, op by op, against the machine floor's own parts.
 
     python benchmarks/floor.py [--num-nodes 100000] [--epochs 3] [--threads 2]
+    python benchmarks/floor.py --dataset coauthor-cs   # a stored graph: floor-<dataset>.*
 
 One process, the ``benchmarks/train.py`` model (3 layers, hidden 128, dropout 0.5) on its
-synthetic graph. ``torch.profiler`` records ``--epochs`` training steps after a warm-up; each
-op's *self* time (its own work, not its children's) goes to one of the floor's parts (GEMM,
-sparse products, elementwise passes) or to what the floor does not contain (allocation,
-copies and layout, the rest), and each part is set against the floor's estimate of it
-(``benchmarks/machine_floor.py``'s ``floor_epoch_s``). What profiled ops leave of the step's
-wall time is Python, autograd bookkeeping and waiting: "outside ops". Writes ``floor.json`` and
-``floor.md``.
+synthetic graph or a stored one. ``torch.profiler`` records ``--epochs`` training steps
+after a warm-up; each op's *self* time (its own work, not its children's) goes to one of the
+floor's parts (GEMM, sparse products, elementwise passes) or to what the floor does not
+contain (allocation, copies and layout, the rest), and each part is set against the
+floor's estimate of it (``benchmarks/machine_floor.py``'s ``floor_epoch_s``). What profiled
+ops leave of the step's wall time is Python, autograd bookkeeping and waiting: "outside ops".
+Writes ``floor.json`` and ``floor.md`` (``floor-<dataset>.*`` for a stored graph).
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from benchmarks.machine_floor import (  # noqa: E402
     floor_epoch_s,
     graph_shape,
 )
-from benchmarks.train import one_process_trainer  # noqa: E402
-from bns_pipe.data import load_dataset  # noqa: E402
+from benchmarks.train import load_graph, one_process_trainer  # noqa: E402
 from bns_pipe.graph import LocalGraph  # noqa: E402
 from bns_pipe.memory import keep_freed_memory  # noqa: E402
 from bns_pipe.partition import load_partition, partition  # noqa: E402
@@ -114,7 +114,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# One epoch against the machine floor, op by op",
         "",
-        f"`python benchmarks/floor.py`: synthetic {g['num_nodes']:,} nodes, average degree "
+        f"`python benchmarks/floor.py`: {g.get('dataset', 'synthetic')} {g['num_nodes']:,} "
+        f"nodes, average degree "
         f"{g['avg_degree']:g}, {g['num_features']} features; {LAYERS} layers, hidden {HIDDEN}, "
         f"dropout {DROPOUT}; one process, {result['threads']} threads; self time per op from "
         f"`torch.profiler`, averaged over {result['epochs']} steps after 3 warm-up steps. "
@@ -154,23 +155,19 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="synthetic", help="synthetic or a stored graph")
     parser.add_argument("--num-nodes", type=int, default=100_000)
     parser.add_argument("--avg-degree", type=float, default=16.0)
     parser.add_argument("--num-features", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.set_defaults(quick=False)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the trainer does, before the floor is measured
     machine = describe()
-    graph = {
-        "num_nodes": args.num_nodes,
-        "avg_degree": args.avg_degree,
-        "num_features": args.num_features,
-        "num_classes": 8,
-    }
-    data = load_dataset("synthetic", **graph)
+    graph, data = load_graph(args)
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         part_dir = str(Path(tmp) / "p1")
@@ -188,9 +185,10 @@ def main() -> None:
         "models": models,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "floor.json").write_text(json.dumps(result, indent=1))
-    (args.out / "floor.md").write_text(markdown(result))
-    print(f"results: {args.out / 'floor.md'}")
+    stem = "floor" if args.dataset == "synthetic" else f"floor-{args.dataset}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(f"results: {args.out / f'{stem}.md'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Every layer follows PyG's defaults exactly (same parameter names, same math), so PyG's
 ``GCNConv``, ``SAGEConv`` and ``GATConv`` are oracles for them. GCN and SAGE apply the linear
 map on whichever side of the aggregation is narrower, which is exact (aggregation is linear)
-and shrinks both the sparse product and the halo rows that travel; GAT always transforms
+and shrinks both the sparse product and the halo rows that travel (SAGE's two maps of a
+dense input then share one GEMM); GAT always transforms
 first (attention needs the transformed rows). Sparse input features (a
 :class:`~bns_pipe.sparse.CSR`, see :mod:`bns_pipe.nn.features`) take the weight-first path
 with a sparse ``X Wᵀ``.
@@ -33,6 +34,18 @@ Finish = Callable[..., torch.Tensor]
 def _times_weight_t(x: torch.Tensor | CSR, weight: torch.Tensor) -> torch.Tensor:
     """``x Wᵀ``: x (n, in) dense, or CSR; W (out, in) → (n, out)."""
     return spmm(x, weight.t()) if isinstance(x, CSR) else x @ weight.t()
+
+
+def _times_both_t(
+    x: torch.Tensor | CSR, first: torch.Tensor, second: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x W₁ᵀ, x W₂ᵀ)`` for W₁, W₂ (out, in). Dense x: one GEMM with ``[W₁; W₂]`` (n, 2·out),
+    split (two narrow GEMMs, e.g. SAGE's output layer, cost up to twice one of both widths);
+    a CSR x: two products (one twice as wide is no faster there)."""
+    if isinstance(x, CSR):
+        return _times_weight_t(x, first), _times_weight_t(x, second)
+    both = x @ torch.cat([first, second]).t()
+    return both[:, : first.shape[0]], both[:, first.shape[0] :]
 
 
 class GCNConv(nn.Module):
@@ -94,13 +107,14 @@ class SAGEConv(nn.Module):
         aggregated: torch.Tensor | None = None,
         epilogue: Finish = plain,
     ) -> torch.Tensor:
-        root = _times_weight_t(x, self.lin_r.weight)
+        lin_l, lin_r = self.lin_l, self.lin_r
         if aggregated is not None:
-            return epilogue(self.lin_l(aggregated), None, root)
-        if self.lin_l.out_features < self.lin_l.in_features:
-            w, b = self.lin_l.weight, self.lin_l.bias
-            return epilogue(graph.aggregate(_times_weight_t(x, w), "mean", layer), b, root)
-        return epilogue(self.lin_l(graph.aggregate(x, "mean", layer)), None, root)
+            return epilogue(lin_l(aggregated), None, _times_weight_t(x, lin_r.weight))
+        if lin_l.out_features >= lin_l.in_features:  # aggregate first, at the input's width
+            root = _times_weight_t(x, lin_r.weight)
+            return epilogue(lin_l(graph.aggregate(x, "mean", layer)), None, root)
+        z, root = _times_both_t(x, lin_l.weight, lin_r.weight)
+        return epilogue(graph.aggregate(z, "mean", layer), lin_l.bias, root)
 
 
 class GATConv(nn.Module):
