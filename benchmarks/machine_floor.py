@@ -73,7 +73,8 @@ def floor_epoch_s(shape: Shape, model: str) -> dict:
 
     GEMMs: forward ``2·n·in·out`` per weight matrix, backward twice that (input and weight
     gradients; no input gradient for layer 0). Sparse products: one per layer forward, one per
-    layer but the first backward, at the narrower of each layer's widths (as we compute them);
+    layer backward but for a first layer that aggregates its input (its weight gradient needs
+    no aggregated gradient), at the narrower of each layer's widths (as we compute them);
     with sparse features, layer 0's ``X Wᵀ`` and ``Xᵀ G`` per weight matrix instead of its
     GEMMs. Elementwise: about 12 full passes (read + write) of each layer's output per epoch
     (dropout, bias, self-loop term, ReLU, their backwards and the loss), at the measured
@@ -94,7 +95,7 @@ def floor_epoch_s(shape: Shape, model: str) -> dict:
         width = min(a, b) if model == "gcn" else (b if b < a else a)
         if width not in cache:
             cache[width] = spmm_time(adj, width)
-        sparse_s += cache[width] * (2 if layer > 0 else 1)
+        sparse_s += cache[width] * (2 if layer > 0 or b < a else 1)
         elementwise_bytes += 12 * 2 * n * b * 4
     bw = bandwidth()
     parts = {
