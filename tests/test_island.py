@@ -153,8 +153,9 @@ def test_aggregation_nodes_in_cpp_equal_the_fallback(monkeypatch, dtype) -> None
     groups = _groups([list(range(30)), list(range(30, n))])  # 90 rows: cut at 64
     hierarchy = merge_shared_pairs(indptr, columns, *groups, n)
     assert len(hierarchy.levels) > 1  # aggregates of aggregates
-    for capacity, share in ((n, 2), (n, 3), (40, 2)):  # C++ makes the fallback's hierarchy
+    for capacity, share in ((n, 2), (n, 3), (n, 4), (40, 2)):  # C++ = the fallback
         native = merge_shared_pairs(indptr, columns, *groups, capacity, share)
+        assert native.pairs.shape[0] > 0  # (C++ leaves out neighbours under `share` rows)
         with monkeypatch.context() as patch:
             patch.setattr(_ext, "available", lambda: False)
             fallback = merge_shared_pairs(indptr, columns, *groups, capacity, share)
