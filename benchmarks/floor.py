@@ -116,11 +116,10 @@ def markdown(result: dict) -> str:
         "# One epoch against the machine floor, op by op",
         "",
         f"`python benchmarks/floor.py`: {g.get('dataset', 'synthetic')} {g['num_nodes']:,} "
-        f"nodes, average degree "
-        f"{g['avg_degree']:g}, {g['num_features']} features; {LAYERS} layers, hidden {HIDDEN}, "
-        f"dropout {DROPOUT}; one process, {result['threads']} threads; self time per op from "
-        f"`torch.profiler`, averaged over {result['epochs']} steps after 3 warm-up steps. "
-        f"{machine_summary(result['machine'])}",
+        f"nodes, average degree {g['avg_degree']:g}, {g['num_features']} features; {LAYERS} "
+        f"layers, hidden {HIDDEN}, dropout {DROPOUT}; one process, {result['threads']} threads; "
+        f"self time per op from `torch.profiler`, averaged over {result['epochs']} steps after "
+        f"3 warm-up steps. {machine_summary(result['machine'])}",
         "",
     ]
     for model, r in result["models"].items():

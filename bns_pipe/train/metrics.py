@@ -13,11 +13,40 @@ import subprocess
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bns_pipe import __version__
 
 # Per-epoch times in the metrics, each the max over ranks (see the README's metrics contract).
 TIMES = ("epoch_time_s", "compute_s", "comm_s", "comm_hidden_s", "reduce_s", "sample_s")
+
+
+def epoch_record(
+    times: dict, peak: int, stop_requested: bool, bytes_sent: int, group: dist.ProcessGroup
+) -> dict:
+    """One epoch's record from every rank's ``times`` (:meth:`Trainer.train_step`'s, hooks'
+    seconds included), peak memory, stop request, loss share and bytes sent, gathered in one
+    all-reduce over ``group`` (one row per rank): the summed loss and bytes, the *slowest*
+    rank's times (their parts add up to its epoch time), the peak per rank and ``_stop``, true
+    if any rank was asked to stop."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    columns = [*TIMES, *times["hooks"]]  # the same hooks, so the same keys, on every rank
+    row = [times[k] for k in TIMES] + list(times["hooks"].values())
+    row += [float(peak), float(stop_requested), float(times["loss"]), float(bytes_sent)]
+    per_rank = torch.zeros(world, len(row), dtype=torch.float64)
+    per_rank[rank] = torch.tensor(row, dtype=torch.float64)
+    dist.all_reduce(per_rank, group=group)
+    k = len(columns)
+    slowest = per_rank[per_rank[:, TIMES.index("epoch_time_s")].argmax(), :k]
+    peaks, stops, summed = per_rank[:, k], per_rank[:, k + 1], per_rank[:, k + 2 :].sum(0)
+    return {
+        "loss": float(summed[0]),
+        **dict(zip(columns, slowest.tolist(), strict=True)),
+        "comm_bytes": int(summed[1]),
+        "peak_mem_bytes": int(peaks.max()),
+        "peak_mem_bytes_per_rank": [int(v) for v in peaks],
+        "_stop": bool(stops.any()),
+    }
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -33,8 +33,8 @@ from bns_pipe.train.config import TrainConfig
 from bns_pipe.train.distributed import DistContext, SigtermFlag, restart_count
 from bns_pipe.train.evaluation import accuracy_counts, resolve_metric, split_metric
 from bns_pipe.train.metrics import (
-    TIMES,
     MetricsWriter,
+    epoch_record,
     median_epochs_per_s,
     memory_now_bytes,
     peak_memory_bytes,
@@ -323,36 +323,14 @@ class Trainer:
     def _epoch(self, epoch: int, stop_requested: bool) -> dict:
         self.bytes.reset()
         times = self.train_step(epoch)
-        ctx = self.ctx
-        peak = peak_memory_bytes(ctx.device)
-        # every rank's times (the hooks' too), peak, stop request, loss share and bytes as one
-        # row, summed in one all-reduce: the record reports the slowest rank's times, whose
-        # parts add up to its epoch time
-        columns = [*TIMES, *times["hooks"]]  # the same hooks, so the same keys, on every rank
-        row = [times[k] for k in TIMES] + list(times["hooks"].values())
-        row += [float(peak), float(stop_requested)]
-        per_rank = torch.zeros(ctx.world_size, len(row) + 2, dtype=torch.float64)
-        per_rank[ctx.rank] = torch.tensor(
-            [*row, float(times["loss"]), float(self.bytes.total())], dtype=torch.float64
-        )
-        dist.all_reduce(per_rank, group=ctx.reduce_group)
-        summed = per_rank[:, len(row) :].sum(0)
-        loss = float(summed[0])
-        if not math.isfinite(loss):
+        peak, sent = peak_memory_bytes(self.ctx.device), self.bytes.total()
+        record = {"epoch": epoch}
+        record |= epoch_record(times, peak, stop_requested, sent, self.ctx.reduce_group)
+        if not math.isfinite(record["loss"]):
             raise TrainingError(
-                f"the loss became {loss} at epoch {epoch}; lower --lr or check the features"
+                f"the loss became {record['loss']} at epoch {epoch}; lower --lr or check the "
+                "features"
             )
-        slowest = per_rank[per_rank[:, TIMES.index("epoch_time_s")].argmax(), : len(columns)]
-        peaks, stops = per_rank[:, len(columns)], per_rank[:, len(columns) + 1]
-        record = {
-            "epoch": epoch,
-            "loss": loss,
-            **dict(zip(columns, slowest.tolist(), strict=True)),
-            "comm_bytes": int(summed[1]),
-            "peak_mem_bytes": int(peaks.max()),
-            "peak_mem_bytes_per_rank": [int(v) for v in peaks],
-            "_stop": bool(stops.any()),
-        }
         self.state["epoch_times"].append(record["epoch_time_s"])
         self.state["epoch_bytes"].append(record["comm_bytes"])
         self.state["peak_mem"] = max(self.state["peak_mem"], record["peak_mem_bytes"])
