@@ -229,7 +229,7 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         required=True,
         help="kmeans:k=K (weights shared by K centres), int:bits=B (integers per row) or "
-        "smartexchange[:basis=3,sparsity=0.5,exp_bits=4,iterations=40] (a basis times sparse "
+        "smartexchange[:basis=3,sparsity=0.2,exp_bits=4,iterations=40] (a basis times sparse "
         "powers of two)",
     )
     parser.add_argument("--out", required=True, help="the compressed file to write")

@@ -348,6 +348,12 @@ def test_ldp_is_the_identity_at_full_width_and_learns_its_widths() -> None:
     torch.testing.assert_close(bits.grad, (g * (high - low)).sum())
     torch.testing.assert_close(q, 0.7 * low + 0.3 * high)
     assert torch.equal(fake_quantize(w.detach(), r, bits.detach(), deployed=True), high)
+    # a ReLU's output: [0, r] in 2^n levels (2^n - 1 steps), negatives to 0, twice as fine
+    relu = torch.tensor([-1.0, 0.0, 0.35, 1.0, 2.0])
+    q4 = fake_quantize(relu, torch.tensor(1.0), torch.tensor(4.0), unsigned=True)
+    torch.testing.assert_close(q4, torch.tensor([0.0, 0.0, 5 / 15, 1.0, 1.0]))
+    levels = fake_quantize(torch.rand(999), torch.tensor(1.0), torch.tensor(4.0), unsigned=True)
+    assert len(torch.unique(levels)) == 16
     learned = build_hook("ldp:init=5.5")
     model = GNN(6, 8, 3, layers=3, conv="sage", norm="none", dropout=0.0)
     learned.on_model(model)

@@ -3,7 +3,7 @@
 - ``kmeans:k=K``: W's values shared by K centres (1-D k-means, Lloyd from the K quantiles
   (i + 1/2)/K, deterministic); stores the centres (K,) float32 and each value's centre index
   in ceil(log2 K) bits, bit-packed.
-- ``smartexchange[:basis=3,sparsity=0.5,exp_bits=4,iterations=40]``: a basis times sparse
+- ``smartexchange[:basis=3,sparsity=0.2,exp_bits=4,iterations=40]``: a basis times sparse
   power-of-two coefficients (:mod:`bns_pipe.compress.smartexchange`).
 - ``int:bits=B``: symmetric integers per output row, q = round(W / s) with
   s = max|W_row| / (2^(B-1) - 1); stores q + 2^(B-1) - 1 in B bits, bit-packed, and s (out,)

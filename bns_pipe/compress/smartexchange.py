@@ -72,7 +72,7 @@ class SmartExchangeCodec(Codec):
     name = "smartexchange"
 
     def __init__(
-        self, basis: str = "3", sparsity: str = "0.5", exp_bits: str = "4", iterations: str = "40"
+        self, basis: str = "3", sparsity: str = "0.2", exp_bits: str = "4", iterations: str = "40"
     ) -> None:
         self.basis, self.sparsity = int(basis), float(sparsity)
         self.exp_bits, self.iterations = int(exp_bits), int(iterations)

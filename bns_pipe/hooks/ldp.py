@@ -6,7 +6,9 @@ al., 2022: precisions learned with the task and moving over training, under a co
 
 - A tensor t with range r (weights: max|W|; inputs: a learned clip α_l, PACT-style, so the
   range is the same on every rank) is quantized symmetrically at an integer width n:
-  Q_n(t) = s·round(clamp(t, -r, r)/s), s = r / (2^(n-1) - 1).
+  Q_n(t) = s·round(clamp(t, -r, r)/s), s = r / (2^(n-1) - 1); an input known to be
+  nonnegative (after a ReLU: every layer's but the first, GAT's ELU aside) uses all 2^n
+  levels on [0, r] instead: s = r / (2^n - 1), twice the resolution at the same width.
 - In training a fractional width interpolates: Q_b = (1 - f)·Q_⌊b⌋ + f·Q_⌈b⌉, f = b - ⌊b⌋,
   so the loss has a gradient in b (Q_⌈b⌉ - Q_⌊b⌋ times the upstream gradient); t's gradient
   passes straight through inside the range and is 0 outside (where α gets it instead). In
@@ -43,28 +45,34 @@ def deployed_width(bits: float) -> int:
     return math.ceil(bits - 1e-9)
 
 
-def _quantize_at(t: Tensor, r: Tensor, n: int) -> Tensor:
-    step = r / ((1 << (n - 1)) - 1)
+def _quantize_at(t: Tensor, r: Tensor, n: int, unsigned: bool) -> Tensor:
+    step = r / ((1 << (n if unsigned else n - 1)) - 1)
     return torch.round(t / step) * step
 
 
-def fake_quantize(t: Tensor, r: Tensor, bits: Tensor, deployed: bool = False) -> Tensor:
+def fake_quantize(
+    t: Tensor, r: Tensor, bits: Tensor, deployed: bool = False, unsigned: bool = False
+) -> Tensor:
     """Q_b(t) with the range ``r`` (a scalar tensor) and a fractional width ``bits`` >= 2
-    (``deployed``: Q_⌈b⌉); gradients: straight through for t inside [-r, r], the
-    interpolation's for ``bits``, and for r through the clamp. From ``EXACT`` bits on (a
-    float32's significand) t passes unchanged."""
+    (``deployed``: Q_⌈b⌉; ``unsigned``: t clamped to [0, r], 2^n levels); gradients:
+    straight through for t inside the range, the interpolation's for ``bits``, and for r
+    through the clamp. From ``EXACT`` bits on (a float32's significand) t passes unchanged."""
     if float(bits.detach()) >= EXACT:
         return t
     fixed = r.detach()
     moved = r - fixed  # 0, carrying the range's gradient: +1 above it, -1 below
-    clipped = t.clamp(-fixed, fixed) + moved * (t > fixed) - moved * (t < -fixed)
+    bottom = torch.zeros_like(fixed) if unsigned else -fixed
+    clipped = t.clamp(bottom, fixed) + moved * (t > fixed)
+    if not unsigned:
+        clipped = clipped - moved * (t < -fixed)
     if deployed:
         width = deployed_width(float(bits.detach()))
-        return clipped + (_quantize_at(clipped.detach(), fixed, width) - clipped).detach()
+        levels = _quantize_at(clipped.detach(), fixed, width, unsigned)
+        return clipped + (levels - clipped).detach()
     low = int(torch.floor(bits.detach()))
     f = bits - low
-    lower = _quantize_at(clipped.detach(), fixed, low)
-    upper = _quantize_at(clipped.detach(), fixed, low + 1) if f.detach() > 0 else lower
+    lower = _quantize_at(clipped.detach(), fixed, low, unsigned)
+    upper = _quantize_at(clipped.detach(), fixed, low + 1, unsigned) if f.detach() > 0 else lower
     value = (1 - f) * lower + f * upper
     return clipped + (value - clipped).detach() + (f - f.detach()) * (upper - lower)
 
@@ -93,9 +101,9 @@ class _QuantizedWeight(nn.Module):
         return fake_quantize(weight, r, bits, deployed=not self.training)
 
 
-def _input_hook(precision: _Precision):
+def _input_hook(precision: _Precision, unsigned: bool):
     """A forward pre-hook of a conv layer: its dense input fake-quantized at the layer's
-    width, with the learned clip α as range."""
+    width, with the learned clip α as range (``unsigned``: the input is a ReLU's output)."""
 
     def quantize_input(module: nn.Module, args: tuple) -> tuple:
         graph, x, *rest = args
@@ -103,7 +111,8 @@ def _input_hook(precision: _Precision):
             return args
         alpha = precision.alpha.abs().clamp(min=1e-6).to(x.dtype)
         bits = precision.bits().to(x.dtype)
-        return (graph, fake_quantize(x, alpha, bits, deployed=not module.training), *rest)
+        q = fake_quantize(x, alpha, bits, deployed=not module.training, unsigned=unsigned)
+        return (graph, q, *rest)
 
     return quantize_input
 
@@ -132,7 +141,9 @@ class LDPHook(LayerHook):
             if conv not in precisions:
                 precision = _Precision(self.init, self.low, self.high)
                 precisions[conv] = precision.to(module.weight.device, module.weight.dtype)
-                model.get_submodule(conv).register_forward_pre_hook(_input_hook(precision))
+                after_relu = conv != "convs.0" and not getattr(model, "attention", False)
+                hook = _input_hook(precision, unsigned=after_relu)
+                model.get_submodule(conv).register_forward_pre_hook(hook)
             precision = precisions[conv]
             parametrize.register_parametrization(module, "weight", _QuantizedWeight(precision))
             sizes[conv] = sizes.get(conv, 0) + module.weight.numel()

@@ -1,4 +1,4 @@
-"""SmartExchange training: ``--hook smartexchange[:basis=3,sparsity=0.5,exp_bits=4,
+"""SmartExchange training: ``--hook smartexchange[:basis=3,sparsity=0.2,exp_bits=4,
 iterations=40,refresh=2,every=1]``.
 
 Every conv weight computes as W' = Ce·B (Zhao et al., 2020; SmartDeal, Chen et al., 2021): B
@@ -41,7 +41,7 @@ class SmartExchangeHook(ProjectionHook):
     def __init__(
         self,
         basis: str = "3",
-        sparsity: str = "0.5",
+        sparsity: str = "0.2",
         exp_bits: str = "4",
         iterations: str = "40",
         refresh: str = "2",
