@@ -215,6 +215,10 @@ def test_kmeans_hook_is_the_identity_until_it_shares_and_passes_gradients_straig
     for name, module in conv_weights(model):
         assert torch.equal(module.weight, before[name])
     assert not hook.deployed()  # model selection waits for the shared weights
+    hook.on_epoch(EpochContext(0, False, epochs=4))  # an evaluation scores them shared
+    assert hook.deployed()
+    for name, module in conv_weights(model):  # (k > distinct values: exactly W)
+        assert torch.equal(module.weight, before[name])
     hook.on_epoch(EpochContext(2, True, epochs=4))  # hard, k > distinct values: exact
     assert hook.deployed()
     for name, module in conv_weights(model):
@@ -223,6 +227,15 @@ def test_kmeans_hook_is_the_identity_until_it_shares_and_passes_gradients_straig
     torch.manual_seed(0)
     model = GNN(6, 8, 3, layers=2, conv="sage", norm="none", dropout=0.0)
     small.on_model(model)
+    soft = build_hook("kmeans:k=4,hard_at=0.75")
+    soft_model = GNN(6, 8, 3, layers=2, conv="sage", norm="none", dropout=0.0)
+    soft.on_model(soft_model)
+    soft.on_epoch(EpochContext(0, True, epochs=4))
+    soft.on_epoch(EpochContext(0, False, epochs=4))  # evaluation: 4 shared values
+    assert all(torch.unique(m.weight).numel() <= 4 for _, m in conv_weights(soft_model))
+    soft.on_epoch(EpochContext(1, True, epochs=4))  # training again: W itself
+    for _, module in conv_weights(soft_model):
+        assert torch.equal(module.weight, module.parametrizations.weight.original)
     small.on_epoch(EpochContext(0, True, epochs=4))
     for _, module in conv_weights(model):
         assert torch.unique(module.weight).numel() <= 4
@@ -300,8 +313,8 @@ def runs_on_one_and_two_ranks(tmp_path: Path, hook: str, **options) -> list[list
 
 def test_weight_hook_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
     """k-means sharing (soft, then hard from epoch 3): the same losses on 1 and 2 ranks;
-    model selection counts the shared epochs only; the checkpoint keeps plain names and
-    shared weights."""
+    every evaluation scores shared weights, so model selection counts every epoch; the
+    checkpoint keeps plain names and shared weights."""
     ckpt = str(tmp_path / "ckpt")
     runs = runs_on_one_and_two_ranks(
         tmp_path,
@@ -311,9 +324,8 @@ def test_weight_hook_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
         checkpoint_every=6,
     )
     assert all(run[-1]["hooks"]["kmeans"]["clusters"] == [8, 8] for run in runs)
-    for run in runs:  # the best validation epoch is a shared one (from epoch 3)
-        shared = [r["val_acc"] for r in run if "val_acc" in r and r["epoch"] >= 3]
-        assert run[-1]["best_val_acc"] == max(shared)
+    for run in runs:  # soft-phase evaluations score the weights shared as of then
+        assert run[-1]["best_val_acc"] == max(r["val_acc"] for r in run if "val_acc" in r)
     state = read_model_file(next((tmp_path / "ckpt2").glob("epoch_*")))["model"]
     assert "convs.0.lin.weight" in state and torch.unique(state["convs.0.lin.weight"]).numel() == 8
 

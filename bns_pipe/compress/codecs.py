@@ -42,20 +42,29 @@ def kmeans_1d(
     start at ``init`` (ascending, e.g. the last clustering's) or the k quantiles
     (i + 1/2)/k; returns (centres (k,) ascending, index (n,) int64 of each value's nearest
     centre). With at most k distinct values each is its own centre (the rest repeat the
-    largest)."""
+    largest). The values are sorted once: a cluster is then a run between two cuts (the
+    centres' midpoints) and its sum a difference of prefix sums, O(k log n) an iteration."""
     x = values.detach().double().flatten()
-    distinct = torch.unique(x)
+    ordered = torch.sort(x).values
+    distinct = torch.unique_consecutive(ordered)
     if distinct.numel() <= k:
         padding = distinct[-1:].expand(k - distinct.numel())
         return torch.cat([distinct, padding]), torch.searchsorted(distinct, x)
     if init is not None:
         centres = init.double().clone()
-    else:
-        centres = torch.quantile(x, (torch.arange(k, dtype=torch.float64) + 0.5) / k)
+    else:  # the quantiles, interpolated linearly between order statistics
+        at = (torch.arange(k, dtype=torch.float64) + 0.5) / k * (x.numel() - 1)
+        low = at.floor().long()
+        high = (low + 1).clamp(max=x.numel() - 1)
+        centres = torch.lerp(ordered[low], ordered[high], at - low)
+    prefix = torch.cat([x.new_zeros(1), torch.cumsum(ordered, 0)])
+    ends = torch.full((k,), x.numel(), dtype=torch.int64)
     for _ in range(iterations):
-        index = nearest(x, centres)
-        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, index, x)
-        counts = torch.bincount(index, minlength=k)
+        # cluster j holds the values in (mid_{j-1}, mid_j], as nearest() assigns them
+        ends[:-1] = torch.searchsorted(ordered, (centres[1:] + centres[:-1]) / 2, right=True)
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        counts = ends - starts
+        sums = prefix[ends] - prefix[starts]
         updated = torch.sort(torch.where(counts > 0, sums / counts.clamp(min=1), centres))[0]
         if torch.equal(updated, centres):
             break

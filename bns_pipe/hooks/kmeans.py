@@ -10,8 +10,10 @@ exactly at the end (Wu et al., ICML 2018, for scalar weights):
   relaxes F to W's top singular vectors to cluster vectors; for scalars the exact 1-D
   clustering is cheap, and the relaxation would be degenerate: WᵀW has rank 1.)
 - hard phase, from epoch ⌊H · epochs⌋: the layer computes with C[nearest(W)], the nearest of
-  the K centres (refreshed every epoch), and its gradient passes straight through to W. Model
-  selection (best validation epoch) counts the hard phase only.
+  the K centres (refreshed every epoch), and its gradient passes straight through to W.
+- evaluations score the shared form in both phases (in the soft phase the current W
+  clustered from the last centres), so model selection (best validation epoch) ranges over
+  the whole run and the best model always shares K values.
 
 The weights are replicated, so every rank clusters the same values and adds the same λ/K
 share of the regulariser to its loss. Checkpoints hold the shared weights under plain names.
@@ -42,9 +44,11 @@ class KMeansHook(ProjectionHook):
         self.assignments: list[tuple[Tensor, Tensor]] = []  # per layer: (centres, index)
         self.hard = False
         self.will_share = self.hard_at < 1
+        self.evaluated_shared = False
 
     def on_epoch(self, context: EpochContext) -> None:
         if not context.training:
+            self._share_for_evaluation()
             return
         sharing_from = math.floor(self.hard_at * context.epochs)
         self.hard, self.will_share = context.epoch >= sharing_from, sharing_from < context.epochs
@@ -61,9 +65,22 @@ class KMeansHook(ProjectionHook):
             shared = centres[index].view(weight.shape).to(weight) if self.hard else None
             projected.projected = shared
 
+    def _share_for_evaluation(self) -> None:
+        """In the soft phase an evaluation scores the weights as the run would share them
+        now: C[nearest(W)] of a clustering of the current W (from the last centres); the
+        next training step computes with W again."""
+        if self.hard or not self.will_share or not self.assignments:
+            return
+        for (module, projected), (centres, _) in zip(self.layers, self.assignments, strict=True):
+            weight = latent(module)
+            now, index = kmeans_1d(weight, self.k, centres)
+            projected.projected = now[index].view(weight.shape).to(weight)
+        self.evaluated_shared = True
+
     def deployed(self) -> bool:
-        """The soft phase's weights are not the ones a run that shares ends with."""
-        return self.hard or not self.will_share
+        """Whether evaluations score shared weights: in the hard phase, and in the soft
+        phase once it has clustered (a run that never shares deploys W)."""
+        return self.hard or not self.will_share or self.evaluated_shared
 
     def loss_term(self) -> Tensor | None:
         """λ/2 Σ (w - c(w))² over the layers in the soft phase."""
