@@ -21,7 +21,9 @@ Targets (issue 15): k-means k=16 >= 7.5x at <= 0.5 point loss, SmartExchange >= 
 
 Runs are cached under ``DIR/runs`` (a finished run made by the same flags is read back), so
 an interrupted benchmark resumes. Results: ``DIR/compress.{json,md}`` and
-``DIR/ldp_bits.png`` (LDP's widths per layer over the epochs, seed 0, one rank).
+``DIR/ldp_bits.png`` (LDP's widths per layer over the epochs, seed 0, one rank), written as
+each dataset ends; a dataset not run keeps its earlier results (with their own machine and
+commit line), so ``--datasets`` reruns a part.
 """
 
 from __future__ import annotations
@@ -165,8 +167,6 @@ def markdown(results: dict) -> str:
     lines = [
         "# Weight compression: accuracy against storage ratio",
         "",
-        f"Machine: {machine_summary(results['machine'])}",
-        "",
         f"2-layer GCN, hidden 64, the accuracy study's flags; seeds {seeds} (paired: the "
         "same seed's dense model is the reference). Test accuracy (%) of the deployed model "
         "(the compressed file, or for dense and LDP the model itself, each from the run's "
@@ -176,7 +176,8 @@ def markdown(results: dict) -> str:
         "",
     ]
     for dataset, methods in results["table"].items():
-        lines += [f"## {dataset}", "", "| method | ranks | test % | loss (pts) | ratio | target |"]
+        lines += [f"## {dataset}", "", f"Machine: {machine_summary(results['made'][dataset])}", ""]
+        lines += ["| method | ranks | test % | loss (pts) | ratio | target |"]
         lines.append("|---|---|---|---|---|---|")
         for method, worlds in methods.items():
             for ranks, e in ((k, v) for k, v in worlds.items() if k.isdigit()):
@@ -195,16 +196,16 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_bits(found: dict, datasets: list[str], seed: int, path: Path) -> None:
-    """LDP's learned width of each layer over the epochs, one panel per dataset."""
+def plot_bits(histories: dict[str, list[list[float]]], path: Path) -> None:
+    """LDP's learned width of each layer over the epochs (seed 0, one rank), one panel per
+    dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.2), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        history = found[dataset, "ldp", seed, 1]["bits_history"]
+    fig, axes = plt.subplots(1, len(histories), figsize=(4 * len(histories), 3.2), squeeze=False)
+    for ax, (dataset, history) in zip(axes[0], histories.items(), strict=True):
         for layer in range(len(history[0])):
             ax.plot([h[layer] for h in history], label=f"layer {layer}")
         ax.set(title=dataset, xlabel="epoch", ylabel="learned bits")
@@ -221,25 +222,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compress")
     args = parser.parse_args()
     datasets, seeds = args.datasets.split(","), [int(s) for s in args.seeds.split(",")]
-    info = describe()
-    found = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "compress.json"
+    results = json.loads(path.read_text()) if path.exists() else {"table": {}}
+    if results.get("seeds", seeds) != seeds:
+        results = {"table": {}}  # other seeds: the kept datasets would not compare
+    old_stamp = results.pop("machine", None)  # a file from before per-dataset stamps
+    results.setdefault("made", {d: old_stamp for d in results["table"]})
+    results.setdefault("bits_history", {})
     for dataset in datasets:
+        info = describe()
+        found = {}
         for seed in seeds:
             for method, (_, _, worlds) in METHODS.items():
                 for ranks in worlds:
                     found[dataset, method, seed, ranks] = score(
                         args.out / "runs", dataset, method, seed, ranks
                     )
-    results = {
-        "seeds": seeds,
-        "table": summarise(found, datasets, seeds),
-        "machine": finish(info),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compress.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "compress.md").write_text(markdown(results))
-    plot_bits(found, datasets, seeds[0], args.out / "ldp_bits.png")
-    print(markdown(results))
+        results["seeds"] = seeds
+        results["table"][dataset] = summarise(found, [dataset], seeds)[dataset]
+        results["made"][dataset] = finish(info)
+        results["bits_history"][dataset] = found[dataset, "ldp", seeds[0], 1]["bits_history"]
+        path.write_text(json.dumps(results, indent=2) + "\n")  # each dataset as it ends
+        (args.out / "compress.md").write_text(markdown(results))
+        plot_bits(results["bits_history"], args.out / "ldp_bits.png")
 
 
 if __name__ == "__main__":
