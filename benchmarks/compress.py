@@ -227,8 +227,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {"table": {}}
     if results.get("seeds", seeds) != seeds:
         results = {"table": {}}  # other seeds: the kept datasets would not compare
-    old_stamp = results.pop("machine", None)  # a file from before per-dataset stamps
-    results.setdefault("made", {d: old_stamp for d in results["table"]})
+    results |= {"seeds": seeds, "made": results.get("made", {})}
     results.setdefault("bits_history", {})
     for dataset in datasets:
         info = describe()
@@ -239,13 +238,13 @@ def main() -> None:
                     found[dataset, method, seed, ranks] = score(
                         args.out / "runs", dataset, method, seed, ranks
                     )
-        results["seeds"] = seeds
         results["table"][dataset] = summarise(found, [dataset], seeds)[dataset]
         results["made"][dataset] = finish(info)
         results["bits_history"][dataset] = found[dataset, "ldp", seeds[0], 1]["bits_history"]
         path.write_text(json.dumps(results, indent=2) + "\n")  # each dataset as it ends
         (args.out / "compress.md").write_text(markdown(results))
         plot_bits(results["bits_history"], args.out / "ldp_bits.png")
+    print(markdown(results))
 
 
 if __name__ == "__main__":
