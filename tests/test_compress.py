@@ -381,8 +381,26 @@ def test_ldp_is_the_identity_at_full_width_and_learns_its_widths() -> None:
     assert saved["bits_per_layer"] == [6, 4, 6] and 4 < saved["avg_bits"] < 6
 
 
+def test_ldp_input_range_follows_the_activation_on_its_own_scale() -> None:
+    """A training forward sets the input range α to the largest activation before dropout's
+    1 / (1 - p) (so nothing is clipped in training); evaluation keeps it: a ReLU output and
+    its dropped-out training copy land on the same grid relative to the activation."""
+    from bns_pipe.hooks.ldp import _input_hook, _Precision
+
+    precision = _Precision(init=4, low=4, high=4)
+    quantize = _input_hook(precision, unsigned=True, keep=0.25)  # dropout p = 0.75
+    layer = torch.nn.Module()
+    activation = torch.tensor([[0.0, 0.31, 1.5], [0.9, 0.12, 0.7]])
+    _, trained, _ = quantize(layer.train(), ("graph", activation / 0.25, 0))
+    assert float(precision.alpha) == 1.5 and float(trained.max()) == 6.0  # no clip
+    _, evaluated, _ = quantize(layer.eval(), ("graph", activation, 0))
+    assert float(precision.alpha) == 1.5  # evaluation keeps the range
+    torch.testing.assert_close(evaluated, trained * 0.25)  # 15 steps of 0.1
+    torch.testing.assert_close(evaluated, torch.tensor([[0.0, 0.3, 1.5], [0.9, 0.1, 0.7]]))
+
+
 def test_ldp_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
-    """Learned widths and input clips are replicated: the same losses and widths on 1 and
+    """Learned widths and input ranges are replicated: the same losses and widths on 1 and
     2 ranks; the widths move under the cost term."""
     runs = runs_on_one_and_two_ranks(
         tmp_path, "ldp:init=5.5,cost=1", epochs=5, checkpoint_dir=str(tmp_path / "ck")
@@ -394,7 +412,7 @@ def test_ldp_trains_alike_on_one_and_two_ranks(tmp_path: Path) -> None:
 
 def test_eval_of_an_ldp_checkpoint_quantizes_the_inputs_again(tmp_path: Path, capfd) -> None:
     """The checkpoint holds the quantized weights; ``eval`` runs the hook again with the
-    saved clips, so it scores what training's last evaluation scored (without the input
+    saved ranges, so it scores what training's last evaluation scored (without the input
     quantization it would not: seen 42 % instead of 80 % on Amazon Computers)."""
     runs = runs_on_one_and_two_ranks(
         tmp_path, "ldp:init=3,min_bits=2,max_bits=3", epochs=4, checkpoint_dir=str(tmp_path / "ck")
