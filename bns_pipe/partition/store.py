@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bns_pipe.errors import PartitionError
+from bns_pipe.errors import PartitionError, unreadable
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -184,7 +184,7 @@ def load_partition(directory: str | os.PathLike, rank: int) -> Partition:
     try:
         arrays = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise PartitionError(f"cannot read {path}: {exc}") from exc
+        raise PartitionError(f"cannot read {path}: {unreadable(exc)}") from exc
     missing = [key for key in _TENSOR_KEYS if key not in arrays]
     if missing:
         raise PartitionError(f"{path} lacks {missing}")

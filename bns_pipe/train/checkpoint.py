@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from bns_pipe import compress
-from bns_pipe.errors import BnsPipeError
+from bns_pipe.errors import BnsPipeError, unreadable
 from bns_pipe.hooks.weights import hook_tensors, load_plain_state_dict, plain_state_dict
 from bns_pipe.train.distributed import DistContext
 
@@ -279,7 +279,7 @@ def read_model_file(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist") from exc
     except Exception as exc:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a bns_pipe checkpoint: {exc}"
+            f"checkpoint {path} is corrupt or not a bns_pipe checkpoint: {unreadable(exc)}"
         ) from exc
     if compress.is_compressed(blob):
         return compress.read(blob, str(path))
@@ -327,7 +327,7 @@ def load_latest(
         shard = torch.load(shard_path, weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"checkpoint shard {shard_path} is missing or corrupt: {exc}"
+            f"checkpoint shard {shard_path} is missing or corrupt: {unreadable(exc)}"
         ) from exc
     load_plain_state_dict(model, blob["model"], blob.get("hook_state"))
     optimizer.load_state_dict(blob["optimizer"])
