@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,8 +30,15 @@ from pathlib import Path
 import torch
 from machine import describe, finish, summary
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bns_pipe import _ext
-from bns_pipe.sampling import BoundarySampler, filter_halo_block, pack_rows, scatter_add_rows
+from bns_pipe.sampling import (
+    BoundarySampler,
+    filter_halo_block,
+    pack_rows,
+    scatter_add_rows,
+)
 from bns_pipe.sparse import CSR
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bns_ops.json"
