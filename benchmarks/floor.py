@@ -57,7 +57,7 @@ PARTS = {
         "aten::_foreach_add_", "aten::_foreach_mul_", "aten::_foreach_addcmul_",
         "aten::_foreach_addcdiv_", "aten::_foreach_sqrt", "aten::_foreach_div_",
         "aten::_foreach_lerp_", "aten::_foreach_add", "aten::_foreach_sqrt_",
-        "bns_pipe::keyed_dropout_rows", "bns_pipe::keyed_dropout_entries",
+        "bns_pipe::keyed_dropout_rows", "bns_pipe::keyed_dropout_csr",
         "bns_pipe::random_keep_mask",
         "bns_pipe::layer_epilogue", "bns_pipe::layer_epilogue_backward",
     ),

@@ -11,8 +11,13 @@
 // keyed_dropout_rows(Tensor x, int key, Tensor row_ids, int threshold, float scale) -> Tensor
 //   x (R, C); element (r, c) uses counter row_ids[r] * C + c and becomes
 //   x[r, c] * scalar_t(scale) (computed as scalar_t) when bits >= threshold, else +0.
-// keyed_dropout_entries(Tensor values, int key, Tensor counters, int threshold, float scale)
-//   -> Tensor: the same for a flat tensor, entry i with counter counters[i] (sparse input).
+// keyed_dropout_csr(Tensor indptr, Tensor indices, Tensor values, int key, Tensor row_base,
+//                   Tensor col_base, int threshold, float scale) -> (Tensor, Tensor, Tensor)
+//   the same for a CSR's stored entries (sparse input), entry (r, c) with counter
+//   row_base[r] + col_base[c] (int64), stored compact: the CSR (indptr, indices, values) of
+//   the kept entries only, in their order, each scaled; the dropped ones leave the
+//   structure, so products skip them. The counters come from two short tensors, not one
+//   per entry: the op is memory bound, and a counter per entry was a third of its traffic.
 //
 // Keys and counters are int64 in the schema; their bits are read as uint64.
 #include <ATen/ATen.h>
@@ -24,8 +29,10 @@
 #include "keep_flags.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 
 namespace bns_pipe {
@@ -132,29 +139,80 @@ at::Tensor keyed_dropout_rows_cpu(const at::Tensor& x, int64_t key, const at::Te
   return out;
 }
 
-at::Tensor keyed_dropout_entries_cpu(const at::Tensor& values, int64_t key,
-                                     const at::Tensor& counters, int64_t threshold,
-                                     double scale) {
-  const auto c = contiguous_counters(counters, "keyed_dropout_entries");
-  TORCH_CHECK(values.dim() == 1 && values.numel() == c.numel(),
-              "keyed_dropout_entries: values must be 1-D with one counter each");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> keyed_dropout_csr_cpu(
+    const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values, int64_t key,
+    const at::Tensor& row_base, const at::Tensor& col_base, int64_t threshold, double scale) {
+  TORCH_CHECK(indptr.scalar_type() == at::kLong && indices.scalar_type() == at::kLong &&
+                  indptr.dim() == 1 && indptr.numel() >= 1,
+              "keyed_dropout_csr: indptr (n_rows + 1) and indices must be int64");
+  TORCH_CHECK(values.dim() == 1 && indices.dim() == 1 && values.numel() == indices.numel(),
+              "keyed_dropout_csr: values and indices must be 1-D, one value per index");
+  const auto rb = contiguous_counters(row_base, "keyed_dropout_csr");
+  const auto cb = contiguous_counters(col_base, "keyed_dropout_csr");
+  const auto ptr = indptr.contiguous();
+  const auto idx = indices.contiguous();
   const auto vc = values.contiguous();
-  auto out = at::empty_like(vc);
-  const auto* cnt = c.data_ptr<int64_t>();
+  const int64_t n_rows = ptr.numel() - 1;
+  const int64_t nnz = idx.numel();
+  TORCH_CHECK(rb.numel() == n_rows, "keyed_dropout_csr: row_base must have one entry per row");
+  const auto* row_start = ptr.data_ptr<int64_t>();
+  TORCH_CHECK(row_start[n_rows] == nnz, "keyed_dropout_csr: indptr[-1] != nnz");
+  const auto* src_idx = idx.data_ptr<int64_t>();
+  const auto* rbase = rb.data_ptr<int64_t>();
+  const auto* cbase = cb.data_ptr<int64_t>();
   const auto k = static_cast<uint64_t>(key);
+  // Pass 1: every entry's flag and each row's kept count (rows in parallel).
+  // through PyTorch's allocator (the caching one in training: bns_pipe/memory.py)
+  auto flags = at::empty({nnz}, idx.options().dtype(at::kByte));
+  auto* keep = flags.data_ptr<uint8_t>();
+  auto out_ptr = at::empty({n_rows + 1}, ptr.options());
+  auto* kept = out_ptr.data_ptr<int64_t>();
+  kept[0] = 0;
+  const int64_t grain = std::max<int64_t>(1, kGrain * n_rows / std::max<int64_t>(1, nnz));
+  const auto n_cols = static_cast<uint64_t>(cb.numel());
+  std::atomic<bool> outside{false};
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    bool bad = false;
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t n = 0;
+      const uint64_t base = static_cast<uint64_t>(rbase[r]);
+      for (int64_t e = row_start[r]; e < row_start[r + 1]; ++e) {
+        const auto c = static_cast<uint64_t>(src_idx[e]);
+        bad |= c >= n_cols;  // checked in the pass: a separate one would cost a sixth
+        const uint64_t counter = base + static_cast<uint64_t>(cbase[c < n_cols ? c : 0]);
+        keep[e] = bits(k, counter) >= threshold;
+        n += keep[e];
+      }
+      kept[r + 1] = n;
+    }
+    if (bad) outside = true;
+  });
+  TORCH_CHECK(!outside, "keyed_dropout_csr: a column index is outside col_base");
+  for (int64_t r = 0; r < n_rows; ++r) kept[r + 1] += kept[r];
+  // Pass 2: each row's kept entries, scaled, to their new place.
+  auto out_idx = at::empty({kept[n_rows]}, idx.options());
+  auto out_val = at::empty({kept[n_rows]}, vc.options());
+  auto* dst_idx = out_idx.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, vc.scalar_type(), "keyed_dropout_entries", [&] {
+      at::kHalf, at::kBFloat16, vc.scalar_type(), "keyed_dropout_csr", [&] {
         const auto* src = vc.data_ptr<scalar_t>();
-        auto* dst = out.data_ptr<scalar_t>();
+        auto* dst = out_val.data_ptr<scalar_t>();
         const auto s = static_cast<scalar_t>(scale);
-        at::parallel_for(0, vc.numel(), kGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const bool keep = bits(k, static_cast<uint64_t>(cnt[i])) >= threshold;
-            dst[i] = keep_or_zero(static_cast<scalar_t>(src[i] * s), keep);
+        at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            // every entry is written to the next free place, which only a kept one keeps
+            // (no branch on the random flag); a row's places end at the next row's first
+            int64_t to = kept[r];
+            const int64_t stop = kept[r + 1];
+            for (int64_t e = row_start[r]; e < row_start[r + 1] && to < stop; ++e) {
+              dst_idx[to] = src_idx[e];
+              dst[to] = static_cast<scalar_t>(src[e] * s);
+              to += keep[e];
+            }
           }
         });
       });
-  return out;
+  return {out_ptr, out_idx, out_val};
 }
 
 }  // namespace
@@ -165,13 +223,14 @@ TORCH_LIBRARY_FRAGMENT(bns_pipe, m) {
   m.def("random_keep_mask(int key, Tensor counters, int threshold) -> Tensor");
   m.def("keyed_dropout_rows(Tensor x, int key, Tensor row_ids, int threshold, float scale) "
         "-> Tensor");
-  m.def("keyed_dropout_entries(Tensor values, int key, Tensor counters, int threshold, "
-        "float scale) -> Tensor");
+  m.def("keyed_dropout_csr(Tensor indptr, Tensor indices, Tensor values, int key, "
+        "Tensor row_base, Tensor col_base, int threshold, float scale) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bns_pipe, CPU, m) {
   m.impl("random_uniform", &bns_pipe::random_uniform_cpu);
   m.impl("random_keep_mask", &bns_pipe::random_keep_mask_cpu);
   m.impl("keyed_dropout_rows", &bns_pipe::keyed_dropout_rows_cpu);
-  m.impl("keyed_dropout_entries", &bns_pipe::keyed_dropout_entries_cpu);
+  m.impl("keyed_dropout_csr", &bns_pipe::keyed_dropout_csr_cpu);
 }

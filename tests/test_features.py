@@ -64,7 +64,8 @@ def test_wants_sparse() -> None:
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 1.0])
 def test_sparse_dropout_is_the_dense_mask(p: float, native: bool, monkeypatch) -> None:
-    """The stored entries take the dense mask, through the C++ op and the fallback."""
+    """The stored entries take the dense mask, through the C++ op and the fallback, and only
+    the kept ones stay stored (in x and in its transpose)."""
     if not native:
         from bns_pipe import _ext
 
@@ -78,11 +79,28 @@ def test_sparse_dropout_is_the_dense_mask(p: float, native: bool, monkeypatch) -
         again = keyed_dropout_csr(csr, p, key=key, row_ids=ids)
         assert torch.equal(dense(again), expected)
         assert torch.equal(dense(again.transpose()), expected.t())
+        kept = int((expected != 0).sum())  # stored compact: the dropped entries are gone
+        assert again.nnz == again.transpose().nnz == kept and bool((again.values != 0).all())
     dropped = keyed_dropout_csr(csr, p, key=12345, row_ids=row_ids)
     expected = keyed_dropout(x, p, 12345, row_ids)
     if 0 < p < 1:
         kept = (dense(dropped) != 0).sum() / (x != 0).sum()
         assert abs(kept - (1 - p)) < 0.1
+
+
+def test_sparse_dropout_op_refuses_columns_outside_its_counters() -> None:
+    """The C++ op reads a counter per column: an index past them is an error, not a read
+    outside the tensor."""
+    from bns_pipe import _ext
+
+    if not _ext.available():
+        pytest.skip("the C++ extension is not built")
+    words = bag_of_words(8, 5, 0.5)
+    words[:, 4] = 1.0  # the last column is stored
+    x = prepare_features(words, normalize=False, sparse=True)
+    rows, cols = torch.arange(8) * 5, torch.arange(4)  # one column short
+    with pytest.raises(RuntimeError, match="outside col_base"):
+        _ext.ops().keyed_dropout_csr(x.indptr, x.indices, x.values, 1, rows, cols, 1 << 23, 2.0)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ with the same mask (:func:`keyed_dropout_csr`): dropout maps zeros to zeros.
 
 from __future__ import annotations
 
-from weakref import WeakKeyDictionary
-
 import torch
 from torch import Tensor, nn
 from torch.autograd import Function
@@ -91,47 +89,41 @@ def keyed_dropout(x: Tensor, p: float, key: int, row_ids: Tensor, training: bool
 
 def keyed_dropout_csr(x: CSR, p: float, key: int, row_ids: Tensor) -> CSR:
     """:func:`keyed_dropout` of a constant sparse x (R, C): its stored entries take the mask
-    the dense x would, so the result equals the dense dropout, stored sparse.
+    the dense x would, so the result equals the dense dropout, stored sparse and compact (the
+    dropped entries leave the structure, so the products over it skip them: half the work
+    at p = 0.5).
 
-    x's cached transpose (built once) gets the same entries dropped, element for element, so
-    the weight gradient ``xᵀ G`` needs no transpose built per epoch.
+    x's cached transpose (built once) drops the same entries, element for element, so the
+    weight gradient ``xᵀ G`` needs no transpose built per epoch.
     """
     check_probability(p)
     if p == 0.0:
         return x
-    counters, counters_t = _entry_counters(x, row_ids)
-    t = x.transpose()
-    out = x.with_values(_drop_entries(x.values, counters, key, p))
-    out.set_transpose(t.with_values(_drop_entries(t.values, counters_t, key, p)))
+    if x.values is None:
+        raise ValueError("keyed_dropout_csr needs stored values (features), not a pattern")
+    # entry (r, c) of x has the counter row_ids[r]·C + c; x's column c is row c of xᵀ
+    scaled_ids = row_ids * x.n_cols
+    columns = torch.arange(x.n_cols, device=row_ids.device)
+    out = _drop_entries(x, scaled_ids, columns, key, p)
+    out.set_transpose(_drop_entries(x.transpose(), columns, scaled_ids, key, p))
     return out
 
 
-def _drop_entries(values: Tensor, counters: Tensor, key: int, p: float) -> Tensor:
-    """Stored entries with mask counters ``counters``: kept and scaled, or zeroed, as
-    :func:`keyed_dropout` does."""
-    if has_ext_kernel("keyed_dropout_entries", values.device):  # one pass, the same bits
-        return _ext.ops().keyed_dropout_entries(
-            values, to_int64(key), counters, threshold(p), dropout_scale(p)
+def _drop_entries(x: CSR, row_base: Tensor, col_base: Tensor, key: int, p: float) -> CSR:
+    """x's kept entries, scaled as :func:`keyed_dropout` scales them, in a CSR of their own;
+    entry (r, c) has the mask counter ``row_base[r] + col_base[c]`` (int64)."""
+    if has_ext_kernel("keyed_dropout_csr", x.device):  # two passes, the same bits
+        scale, t = dropout_scale(p), threshold(p)
+        parts = _ext.ops().keyed_dropout_csr(
+            x.indptr, x.indices, x.values, to_int64(key), row_base, col_base, t, scale
         )
-    scaled = values * torch.tensor(dropout_scale(p), dtype=values.dtype)
-    return scaled.masked_fill_(keep_mask(key, counters, p), 0)
-
-
-# x → (row_ids, counters, counters_t): the entries' counters depend only on x's sparsity
-# pattern and the row ids, so they are computed on x's first dropout and kept while x lives.
-_COUNTERS: WeakKeyDictionary[CSR, tuple[Tensor, Tensor, Tensor]] = WeakKeyDictionary()
-
-
-def _entry_counters(x: CSR, row_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """The counter ``global row · C + column`` of every stored entry of x (R, C) and of its
-    transpose, ``(nnz,)`` int64 each, in storage order."""
-    cached = _COUNTERS.get(x)
-    if cached is None or cached[0] is not row_ids:
-        t = x.transpose()
-        counters = row_ids[x.row_ids()] * x.n_cols + x.indices
-        counters_t = row_ids[t.indices] * x.n_cols + t.row_ids()
-        cached = _COUNTERS[x] = (row_ids, counters, counters_t)
-    return cached[1], cached[2]
+        return CSR(*parts, x.n_cols)
+    rows = x.row_ids()
+    kept = ~keep_mask(key, row_base[rows] + col_base[x.indices], p)
+    counts = torch.bincount(rows[kept], minlength=x.n_rows)
+    indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    values = x.values[kept] * torch.tensor(dropout_scale(p), dtype=x.values.dtype)
+    return CSR(indptr, x.indices[kept], values, x.n_cols)
 
 
 class KeyedDropout(nn.Module):

@@ -4,7 +4,7 @@ Bag-of-words features (Cora, CiteSeer, Coauthor, Amazon) are 0.5–2 % nonzero. 
 :class:`~bns_pipe.sparse.CSR`, the first layer's ``X Wᵀ`` is a sparse product, 50–100x fewer
 operations than the dense GEMM for thousands of input columns, and its weight gradient
 ``Xᵀ G`` likewise. The result equals the dense path to float rounding; dropout keeps the same
-mask (:func:`~bns_pipe.nn.dropout.keyed_dropout_csr`).
+mask and removes the dropped entries (:func:`~bns_pipe.nn.dropout.keyed_dropout_csr`).
 """
 
 from __future__ import annotations
