@@ -201,3 +201,27 @@ def test_to_moves_cached_transpose():
     B = A.to("cpu")
     assert B.transpose().transpose() is B
     assert torch.equal(B.transpose().indices, At.indices)
+
+
+def test_a_matrix_and_its_transpose_are_no_reference_cycle() -> None:
+    """A matrix holds its cached transpose and the transpose refers back weakly, so a pair
+    made each epoch is freed by reference counting alone; a transpose that outlives its
+    matrix builds it again."""
+    import gc
+    import weakref
+
+    dense = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]])
+    a = CSR.from_dense(dense)
+    t = a.transpose()
+    assert t.transpose() is a and a.transpose() is t
+    gc.disable()
+    try:
+        probe = weakref.ref(a)
+        del a
+        assert probe() is None  # freed at once: no cycle held it
+    finally:
+        gc.enable()
+    again = t.transpose()
+    assert torch.equal(
+        torch.sparse_csr_tensor(again.indptr, again.indices, again.values, (2, 3)).to_dense(), dense
+    )
