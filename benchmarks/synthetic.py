@@ -24,7 +24,7 @@ from pathlib import Path
 SIZES = (100_000, 1_000_000, 2_400_000)
 SHAPE = {"avg_degree": 25.0, "num_features": 100, "num_classes": 47}
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(RESULTS.parents[1]))  # bns_pipe from a checkout, imported when measured
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bns_pipe from a checkout
 
 
 def measure(num_nodes: int) -> dict:

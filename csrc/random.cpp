@@ -161,8 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keyed_dropout_csr_cpu(
   const auto* rbase = rb.data_ptr<int64_t>();
   const auto* cbase = cb.data_ptr<int64_t>();
   const auto k = static_cast<uint64_t>(key);
-  // Pass 1: every entry's flag and each row's kept count (rows in parallel).
-  // through PyTorch's allocator (the caching one in training: bns_pipe/memory.py)
+  // Pass 1: every entry's flag and each row's kept count (rows in parallel). The flags are a
+  // tensor so that they come from PyTorch's allocator (the caching one in training).
   auto flags = at::empty({nnz}, idx.options().dtype(at::kByte));
   auto* keep = flags.data_ptr<uint8_t>();
   auto out_ptr = at::empty({n_rows + 1}, ptr.options());
