@@ -82,10 +82,10 @@ def run_worker(config: TrainConfig) -> dict:
         if ctx.is_main:
             from bns_pipe import _ext
 
-            print(
-                f"bns-pipe: {ctx.world_size} rank(s) on {ctx.device}; {_ext.describe()}",
-                file=sys.stderr,
-            )
+            # one write with its newline: print() writes the newline apart, and on the shared,
+            # unbuffered stderr another rank's error could land between the two
+            banner = f"bns-pipe: {ctx.world_size} rank(s) on {ctx.device}; {_ext.describe()}\n"
+            sys.stderr.write(banner)
         try:
             final = Trainer(config, ctx).fit()
         except Exception as exc:
